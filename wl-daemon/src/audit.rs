@@ -1,0 +1,174 @@
+//! The audit trail: one JSON object per line, appended to `audit.path`.
+//!
+//! In: [`AuditRecord`]s from the request path, through a bounded channel so that a slow
+//! disk never stalls a connection. Out: lines in the file, written by one task that drains
+//! the channel and flushes once per batch (group commit). Records that cannot be queued are
+//! counted, never silently lost: the count is logged and written as a record of its own.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::SystemTime,
+};
+
+use serde::Serialize;
+use tokio::{
+    io::AsyncWriteExt,
+    sync::{mpsc, oneshot},
+};
+
+use crate::intercept::identity::AgentIdentity;
+
+/// How many records may wait for the writer before new ones are counted as dropped.
+const QUEUE: usize = 65_536;
+
+/// Errors opening the audit file.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    /// The file or its directory could not be created or opened.
+    #[error("cannot open audit log `{}`: {source} (check audit.path and its directory's permissions)", path.display())]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// One intercepted connection, written when it ends.
+#[derive(Debug, Serialize)]
+pub struct ConnectionRecord {
+    /// Daemon-local connection number.
+    pub conn_id: u64,
+    /// The listener that accepted it.
+    pub listener: String,
+    /// The agent's address as the daemon saw it.
+    pub peer: String,
+    /// Where the agent was connecting to.
+    pub dst: Option<String>,
+    /// Who was connecting.
+    pub agent: Option<AgentIdentity>,
+    /// What wl did: `splice` (bytes relayed unchanged) or `refused`.
+    pub action: &'static str,
+    /// Bytes from the agent to the upstream.
+    pub bytes_up: u64,
+    /// Bytes from the upstream to the agent.
+    pub bytes_down: u64,
+    /// Milliseconds from accept to close.
+    pub duration_ms: u64,
+    /// Why the connection failed, if it did.
+    pub error: Option<String>,
+}
+
+/// Everything that goes into the trail.
+#[derive(Debug, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum AuditRecord {
+    /// See [`ConnectionRecord`].
+    Connection(ConnectionRecord),
+    /// Records that could not be queued since the last such record.
+    Dropped {
+        /// How many.
+        count: u64,
+    },
+}
+
+#[derive(Serialize)]
+struct Line<'a> {
+    time: String,
+    #[serde(flatten)]
+    record: &'a AuditRecord,
+}
+
+/// Handle for submitting records; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct AuditLog {
+    tx: mpsc::Sender<AuditRecord>,
+    dropped: Arc<AtomicU64>,
+}
+
+/// The writer task; [`AuditWriter::shutdown`] flushes everything queued.
+#[derive(Debug)]
+pub struct AuditWriter {
+    done: oneshot::Receiver<()>,
+}
+
+impl AuditLog {
+    /// Opens (creating) the file and starts the writer task.
+    pub async fn open(path: &Path) -> Result<(AuditLog, AuditWriter), AuditError> {
+        let err = |source| AuditError::Open { path: path.to_owned(), source };
+        if let Some(dir) = path.parent() {
+            tokio::fs::create_dir_all(dir).await.map_err(err)?;
+        }
+        let file = tokio::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o640)
+            .open(path)
+            .await
+            .map_err(err)?;
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let dropped = Arc::new(AtomicU64::new(0));
+        let (done_tx, done) = oneshot::channel();
+        tokio::spawn(write_loop(file, rx, dropped.clone(), path.to_owned(), done_tx));
+        Ok((AuditLog { tx, dropped }, AuditWriter { done }))
+    }
+
+    /// Queues a record; never blocks. A full queue counts the record as dropped.
+    pub fn record(&self, record: AuditRecord) {
+        if self.tx.try_send(record).is_err() {
+            let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            tracing::warn!(dropped = n, "audit queue full: record dropped");
+        }
+    }
+}
+
+impl AuditWriter {
+    /// Waits until every record queued before all [`AuditLog`] handles were dropped is
+    /// written and flushed.
+    pub async fn shutdown(self) {
+        let _ = self.done.await;
+    }
+}
+
+async fn write_loop(
+    file: tokio::fs::File,
+    mut rx: mpsc::Receiver<AuditRecord>,
+    dropped: Arc<AtomicU64>,
+    path: PathBuf,
+    done: oneshot::Sender<()>,
+) {
+    let mut out = tokio::io::BufWriter::with_capacity(256 * 1024, file);
+    let mut batch = Vec::with_capacity(256);
+    while rx.recv_many(&mut batch, 1024).await > 0 {
+        let lost = dropped.swap(0, Ordering::Relaxed);
+        if lost > 0 {
+            batch.push(AuditRecord::Dropped { count: lost });
+        }
+        let mut buf = Vec::with_capacity(batch.len() * 512);
+        for record in batch.drain(..) {
+            let line = Line { time: now_rfc3339(), record: &record };
+            serde_json::to_writer(&mut buf, &line).expect("audit records always serialize");
+            buf.push(b'\n');
+        }
+        if let Err(e) = async {
+            out.write_all(&buf).await?;
+            out.flush().await
+        }
+        .await
+        {
+            tracing::error!(path = %path.display(), error = %e, "audit write failed");
+        }
+    }
+    let _ = out.flush().await;
+    let _ = done.send(());
+}
+
+/// The current time as RFC 3339 with milliseconds, UTC.
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}

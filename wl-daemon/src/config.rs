@@ -1,0 +1,312 @@
+//! Configuration: the TOML file (or the embedded default) in, a validated [`Config`] out.
+//!
+//! Parsed in two stages, as ripgrep does: serde reads the raw file (unknown keys are errors
+//! that name the key and the line), then [`Config::validate`] checks what serde cannot
+//! (listeners on loopback, at most one per family, non-zero ports, absolute cgroup paths).
+//! Every other module reads a `Config`; this module depends on none of them.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+/// The configuration compiled into the binary, used when no `--config` is given.
+pub const DEFAULT_TOML: &str = include_str!("default.toml");
+
+/// Whether policy decisions are enforced or only recorded.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Record every decision, never deny (the default).
+    #[default]
+    Observe,
+    /// Deny what policy denies; any failure denies.
+    Enforce,
+}
+
+/// What happens to intercepted connections while the daemon is not running.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailMode {
+    /// Programs are detached on exit: agents connect directly.
+    #[default]
+    Open,
+    /// Programs stay attached (pinned): intercepted connects are refused until the daemon
+    /// is back.
+    Closed,
+}
+
+/// The whole configuration, as read and validated.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// `observe` or `enforce`.
+    #[serde(default)]
+    pub mode: Mode,
+    /// Where wl keeps its state (lock file, later the CA and the broker's store).
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// Which connections are intercepted and where they go.
+    #[serde(default)]
+    pub intercept: InterceptConfig,
+    /// The audit trail.
+    #[serde(default)]
+    pub audit: AuditConfig,
+}
+
+/// `[intercept]`: the eBPF side.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InterceptConfig {
+    /// cgroup2 paths, relative to the cgroup2 mount, whose processes are intercepted
+    /// (with all their descendants).
+    #[serde(default = "default_cgroups")]
+    pub cgroups: Vec<String>,
+    /// Destination TCP ports that are intercepted.
+    #[serde(default = "default_ports")]
+    pub ports: Vec<u16>,
+    /// Where redirected connections arrive: loopback addresses, at most one per family.
+    /// Port 0 picks a free port.
+    #[serde(default = "default_listen")]
+    pub listen: Vec<SocketAddr>,
+    /// Destinations that are never redirected.
+    #[serde(default)]
+    pub exclude: Vec<IpNet>,
+    /// Refuse UDP to port 443 (QUIC) so that clients fall back to TCP.
+    #[serde(default = "default_true")]
+    pub block_quic: bool,
+    /// What happens to agents' connections while the daemon is down.
+    #[serde(default)]
+    pub fail: FailMode,
+    /// cgroup2 paths whose processes are never redirected.
+    #[serde(default)]
+    pub exempt_cgroups: Vec<String>,
+    /// bpffs directory where programs and maps are pinned with `fail = "closed"`.
+    #[serde(default = "default_pin_dir")]
+    pub pin_dir: PathBuf,
+}
+
+/// `[audit]`: where records go.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// JSON-lines file the records are appended to.
+    #[serde(default = "default_audit_path")]
+    pub path: PathBuf,
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/wl")
+}
+fn default_cgroups() -> Vec<String> {
+    vec!["/".into()]
+}
+fn default_ports() -> Vec<u16> {
+    vec![80, 443]
+}
+fn default_listen() -> Vec<SocketAddr> {
+    vec![
+        SocketAddr::from(([127, 0, 0, 1], 15001)),
+        SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 15001)),
+    ]
+}
+fn default_true() -> bool {
+    true
+}
+fn default_pin_dir() -> PathBuf {
+    PathBuf::from("/sys/fs/bpf/wl")
+}
+fn default_audit_path() -> PathBuf {
+    PathBuf::from("/var/log/wl/audit.jsonl")
+}
+
+impl Default for InterceptConfig {
+    fn default() -> Self {
+        Self {
+            cgroups: default_cgroups(),
+            ports: default_ports(),
+            listen: default_listen(),
+            exclude: Vec::new(),
+            block_quic: true,
+            fail: FailMode::Open,
+            exempt_cgroups: Vec::new(),
+            pin_dir: default_pin_dir(),
+        }
+    }
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self { path: default_audit_path() }
+    }
+}
+
+/// Why a configuration was refused. Messages are one line and say what to change.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config `{path}`: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TOML is malformed or has unknown keys or wrong types.
+    #[error("invalid config `{origin}`{location}: {message}")]
+    Parse {
+        /// The file, or `<built-in>`.
+        origin: String,
+        /// ` line L, column C` when known.
+        location: String,
+        /// What serde or the TOML parser said.
+        message: String,
+    },
+    /// The values parse but do not make sense together.
+    #[error("invalid config `{origin}`: {message}")]
+    Invalid {
+        /// The file, or `<built-in>`.
+        origin: String,
+        /// What is wrong and what to do.
+        message: String,
+    },
+}
+
+impl Config {
+    /// The embedded default configuration.
+    pub fn builtin() -> Self {
+        Self::parse(DEFAULT_TOML, "<built-in>").expect("the built-in configuration is valid")
+    }
+
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates TOML text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| {
+            let location = match e.span() {
+                Some(span) => {
+                    let (line, column) = line_column(text, span.start);
+                    format!(" line {line}, column {column}")
+                }
+                None => String::new(),
+            };
+            ConfigError::Parse {
+                origin: origin.to_owned(),
+                location,
+                message: e.message().trim().replace('\n', " "),
+            }
+        })?;
+        config.validate().map_err(|message| ConfigError::Invalid { origin: origin.to_owned(), message })?;
+        Ok(config)
+    }
+
+    /// The effective configuration as TOML (`wl-daemon run --print-config`).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("a Config always serializes")
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let ic = &self.intercept;
+        if ic.cgroups.is_empty() {
+            return Err("intercept.cgroups is empty: name at least one cgroup (\"/\" is the whole host)".into());
+        }
+        for cg in ic.cgroups.iter().chain(&ic.exempt_cgroups) {
+            if !cg.starts_with('/') || cg.split('/').any(|part| part == "..") {
+                return Err(format!(
+                    "cgroup `{cg}` must be an absolute path under the cgroup2 mount, like \"/\" or \"/agents.slice\""
+                ));
+            }
+        }
+        if ic.ports.is_empty() {
+            return Err("intercept.ports is empty: list the destination ports to intercept, such as [80, 443]".into());
+        }
+        if ic.ports.contains(&0) {
+            return Err("intercept.ports contains 0, which is not a destination port".into());
+        }
+        if ic.listen.is_empty() {
+            return Err("intercept.listen is empty: give a loopback address such as \"127.0.0.1:15001\"".into());
+        }
+        for (i, addr) in ic.listen.iter().enumerate() {
+            if !addr.ip().is_loopback() {
+                return Err(format!(
+                    "intercept.listen `{addr}` is not a loopback address: redirected connections must stay on this host"
+                ));
+            }
+            if ic.listen[..i].iter().any(|other| other.is_ipv4() == addr.is_ipv4()) {
+                return Err(format!("intercept.listen has two {} listeners: give at most one per family", if addr.is_ipv4() { "IPv4" } else { "IPv6" }));
+            }
+        }
+        if !ic.pin_dir.is_absolute() {
+            return Err(format!("intercept.pin_dir `{}` must be an absolute path", ic.pin_dir.display()));
+        }
+        Ok(())
+    }
+}
+
+/// 1-based line and column of a byte offset.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtin_matches_documented_defaults() {
+        let c = Config::builtin();
+        assert_eq!(c.mode, Mode::Observe);
+        assert_eq!(c.state_dir, PathBuf::from("/var/lib/wl"));
+        assert_eq!(c.intercept.cgroups, vec!["/".to_string()]);
+        assert_eq!(c.intercept.ports, vec![80, 443]);
+        assert_eq!(c.intercept.listen, default_listen());
+        assert!(c.intercept.block_quic);
+        assert_eq!(c.intercept.fail, FailMode::Open);
+        assert_eq!(c.audit.path, PathBuf::from("/var/log/wl/audit.jsonl"));
+        // And an empty file means the same thing as the built-in one.
+        assert_eq!(Config::parse("", "empty").unwrap(), c);
+    }
+
+    #[test]
+    fn printed_config_parses_back_to_itself() {
+        let c = Config::builtin();
+        assert_eq!(Config::parse(&c.to_toml(), "printed").unwrap(), c);
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let err = Config::parse("mode = \"observe\"\n[intercept]\nportz = [443]\n", "t.toml").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("portz"), "{msg}");
+        assert!(msg.contains("line 3"), "{msg}");
+        assert!(!msg.contains('\n'), "one line: {msg}");
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_reasons() {
+        for (toml, needle) in [
+            ("mode = \"deny\"", "deny"),
+            ("[intercept]\nlisten = [\"10.0.0.1:15001\"]", "not a loopback"),
+            ("[intercept]\nlisten = [\"127.0.0.1:1\", \"127.0.0.2:2\"]", "two IPv4"),
+            ("[intercept]\nports = []", "ports is empty"),
+            ("[intercept]\ncgroups = [\"agents\"]", "absolute path"),
+            ("[intercept]\nexclude = [\"10.0.0.0/33\"]", "line 2"),
+            ("[intercept]\nfail = \"sometimes\"", "sometimes"),
+        ] {
+            let msg = Config::parse(toml, "t.toml").unwrap_err().to_string();
+            assert!(msg.contains(needle), "{toml:?} -> {msg}");
+        }
+    }
+}

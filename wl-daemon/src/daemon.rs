@@ -1,0 +1,109 @@
+//! `wl-daemon run`: wires the parts together in request-path order and runs until SIGTERM
+//! or SIGINT.
+//!
+//! Start-up order matters: everything that can fail on bad input (config, cgroups, lock,
+//! listeners, audit file) is checked before any program is attached, so a refused start
+//! leaves nothing behind; listeners are bound before attaching, so no redirected
+//! connection is refused for want of a listener.
+
+use std::{fs::File, path::Path, sync::Arc};
+
+use anyhow::Context as _;
+use nix::fcntl::{Flock, FlockArg};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    audit::AuditLog,
+    config::{Config, FailMode},
+    intercept::{cgroup, identity::IdentityResolver, Interceptor},
+    proxy,
+};
+
+/// How long open connections get to finish after SIGTERM before they are cut.
+const DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Runs the daemon.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let mount = cgroup::cgroup2_mount()?;
+    for name in &config.intercept.cgroups {
+        cgroup::cgroup_dir(&mount, name)?;
+    }
+    let _lock = lock_state_dir(&config.state_dir)?;
+    let listeners = proxy::bind(&config.intercept.listen).await?;
+    let bound: Vec<_> = listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
+    let (audit, audit_writer) = AuditLog::open(&config.audit.path).await?;
+    let interceptor = Interceptor::start(&config.intercept, &mount, &bound)?;
+    let attached = interceptor.attached().to_vec();
+
+    let shared = Arc::new(proxy::Shared::new(
+        interceptor,
+        IdentityResolver::new(cgroup::CgroupNames::new(mount)),
+        audit,
+    ));
+    let tracker = TaskTracker::new();
+    let stop_accept = CancellationToken::new();
+    let stop_conns = CancellationToken::new();
+    let accept_loops = TaskTracker::new();
+    for listener in listeners {
+        accept_loops.spawn(proxy::serve(
+            listener,
+            shared.clone(),
+            tracker.clone(),
+            stop_accept.clone(),
+            stop_conns.clone(),
+        ));
+    }
+    tracing::info!(
+        listeners = ?bound, cgroups = ?attached, mode = ?config.mode, fail = ?config.intercept.fail,
+        "wl-daemon ready"
+    );
+
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+
+    // Stop accepting, give open connections a moment, then cut them (each still writes
+    // its audit record).
+    stop_accept.cancel();
+    accept_loops.close();
+    accept_loops.wait().await;
+    tracker.close();
+    let drained = tokio::time::timeout(DRAIN, tracker.wait()).await.is_ok();
+    stop_conns.cancel();
+    tracker.wait().await;
+    if !drained {
+        tracing::info!("open connections were closed after {DRAIN:?}");
+    }
+    let shared = Arc::into_inner(shared).expect("all connection tasks have ended");
+    let pinned = shared.interceptor.pinned_links();
+    drop(shared); // detaches (fail = "open"); pinned links stay (fail = "closed")
+    audit_writer.shutdown().await;
+    match config.intercept.fail {
+        FailMode::Open => tracing::info!("detached; agents now connect directly"),
+        FailMode::Closed => tracing::info!(pinned, "links stay pinned: intercepted connects are refused until wl-daemon is back"),
+    }
+    Ok(())
+}
+
+/// One daemon per state directory: a second one would fight over the same cgroups.
+fn lock_state_dir(dir: &Path) -> anyhow::Result<Flock<File>> {
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create state_dir `{}`", dir.display()))?;
+    let path = dir.join("wl-daemon.lock");
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open lock file `{}`", path.display()))?;
+    Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
+        anyhow::anyhow!(
+            "another wl-daemon is already running with state_dir `{}` ({errno}): stop it first or give this one its own state_dir",
+            dir.display()
+        )
+    })
+}

@@ -1,0 +1,12 @@
+//! wl-daemon: the enforcement layer between AI agents and the APIs they call.
+//!
+//! Modules follow one connection's path (see docs/architecture.md):
+//! [`intercept`] (eBPF programs, original destination, agent identity) →
+//! [`proxy`] (listeners, relaying) → [`audit`] (the trail). [`config`] is read by all and
+//! depends on none; [`daemon`] wires them together for `wl-daemon run`.
+
+pub mod audit;
+pub mod config;
+pub mod daemon;
+pub mod intercept;
+pub mod proxy;

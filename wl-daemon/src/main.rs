@@ -1,0 +1,76 @@
+//! `wl-daemon`: the services. `run` is the proxy daemon (wl-daemon.service).
+//!
+//! Thin on purpose: parse the command line, set up logging, hand over to the library, and
+//! turn any error into one line on stderr and exit status 1.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+use wl_daemon::config::Config;
+
+#[derive(Parser)]
+#[command(name = "wl-daemon", version, about = "wl: governs what AI agents send to the APIs they call")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Intercept agents' connections and proxy them (wl-daemon.service).
+    Run {
+        /// Configuration file (TOML); the built-in default when absent.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Print the effective configuration and exit.
+        #[arg(long)]
+        print_config: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("WL_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("wl-daemon: error: {}", one_line(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Run { config, print_config } => {
+            let config = match config {
+                Some(path) => Config::load(&path)?,
+                None => Config::builtin(),
+            };
+            if print_config {
+                print!("{}", config.to_toml());
+                return Ok(());
+            }
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            runtime.block_on(wl_daemon::daemon::run(config))
+        }
+    }
+}
+
+/// An error and its causes on one line, without repeating a cause its parent already shows.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !out.contains(&c) {
+            out.push_str(": ");
+            out.push_str(&c);
+        }
+    }
+    out
+}

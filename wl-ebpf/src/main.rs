@@ -1,0 +1,331 @@
+//! wl's kernel side: the programs that hand every intercepted agent connection to wl-daemon.
+//!
+//! In: socket calls of processes in the cgroups the daemon attached to, plus the settings,
+//! ports, exemptions and exclusions the daemon wrote into maps. Out: a rewritten `connect()`
+//! destination (wl's listener), a connection record keyed first by socket cookie and then,
+//! once the connection is established, by the client's address and port (which is what the
+//! daemon sees from `accept()`), the original peer restored in `getpeername()`, and refused
+//! UDP to port 443 when QUIC blocking is on.
+//!
+//! Every entry point is `prog(ctx) { match try_prog(ctx) { .. } }`: a missing map entry or
+//! helper failure lets the call through unchanged rather than breaking the agent's socket.
+#![no_std]
+#![no_main]
+
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    bindings::{bpf_sock_addr, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB},
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_get_current_uid_gid, bpf_get_socket_cookie,
+    },
+    macros::{cgroup_sock_addr, map, sock_ops},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap},
+    programs::{SockAddrContext, SockOpsContext},
+};
+use aya_log_ebpf::debug;
+use wl_common::{
+    ConnRecord, PeerKey, Settings, AF_INET, AF_INET6, FLAG_BLOCK_QUIC, FLAG_ENABLED, FLAG_HAS_V4,
+    FLAG_HAS_V6,
+};
+
+/// cgroup/sock_addr verdicts.
+const ALLOW: i32 = 1;
+const REFUSE: i32 = 0;
+
+const SOCK_STREAM: u32 = 1;
+const SOCK_DGRAM: u32 = 2;
+const QUIC_PORT: u16 = 443;
+
+/// Capacity of the connection-record maps: records are deleted by the daemon on accept and
+/// otherwise aged out by the LRU, so this bounds concurrent *pending* connects, not load.
+const MAX_RECORDS: u32 = 65_536;
+
+#[map(name = "WL_SETTINGS")]
+static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+
+#[map(name = "WL_PORTS")]
+static PORTS: HashMap<u16, u32> = HashMap::with_max_entries(256, 0);
+
+#[map(name = "WL_EXEMPT_CGROUPS")]
+static EXEMPT_CGROUPS: HashMap<u64, u32> = HashMap::with_max_entries(1024, 0);
+
+#[map(name = "WL_EXCLUDED")]
+static EXCLUDED: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(1024, 0);
+
+#[map(name = "WL_BY_COOKIE")]
+static BY_COOKIE: LruHashMap<u64, ConnRecord> = LruHashMap::with_max_entries(MAX_RECORDS, 0);
+
+#[map(name = "WL_BY_PEER")]
+static BY_PEER: LruHashMap<PeerKey, ConnRecord> = LruHashMap::with_max_entries(MAX_RECORDS, 0);
+
+/// A destination in the form every program works with: network-order words, IPv4 in [0].
+#[derive(Clone, Copy)]
+struct Dest {
+    family: u16,
+    ip: [u32; 4],
+    port: u16,
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn wl_connect4(ctx: SockAddrContext) -> i32 {
+    verdict(try_connect(&ctx, false))
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn wl_connect6(ctx: SockAddrContext) -> i32 {
+    verdict(try_connect(&ctx, true))
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn wl_sendmsg4(ctx: SockAddrContext) -> i32 {
+    verdict(try_sendmsg(&ctx, false))
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn wl_sendmsg6(ctx: SockAddrContext) -> i32 {
+    verdict(try_sendmsg(&ctx, true))
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn wl_getpeername4(ctx: SockAddrContext) -> i32 {
+    verdict(try_getpeername(&ctx, false))
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn wl_getpeername6(ctx: SockAddrContext) -> i32 {
+    verdict(try_getpeername(&ctx, true))
+}
+
+/// Named `wl_sock_ops`, not `sockops`: a function named like its section collides with the
+/// section symbol at link time.
+#[sock_ops]
+pub fn wl_sock_ops(ctx: SockOpsContext) -> u32 {
+    if ctx.op() == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+        rekey_by_peer(&ctx);
+    }
+    0
+}
+
+/// The verifier insists that a cgroup/sock_addr program provably returns 0 or 1: spell the
+/// two constants out rather than passing a computed value through.
+#[inline(always)]
+fn verdict(v: Option<i32>) -> i32 {
+    if v == Some(REFUSE) {
+        REFUSE
+    } else {
+        ALLOW
+    }
+}
+
+fn settings() -> Option<&'static Settings> {
+    SETTINGS.get(0)
+}
+
+fn sock_addr(ctx: &SockAddrContext) -> &mut bpf_sock_addr {
+    // SAFETY: the kernel passes a valid context for the program's lifetime; field reads and
+    // writes are checked by the verifier.
+    unsafe { &mut *ctx.sock_addr }
+}
+
+/// The destination the caller asked for; IPv4-mapped IPv6 is reported as IPv4.
+fn user_dest(sa: &bpf_sock_addr, v6: bool) -> Dest {
+    let port = u16::from_be(sa.user_port as u16);
+    if !v6 {
+        return Dest { family: AF_INET, ip: [sa.user_ip4, 0, 0, 0], port };
+    }
+    let ip = [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]];
+    if is_v4_mapped(&ip) {
+        Dest { family: AF_INET, ip: [ip[3], 0, 0, 0], port }
+    } else {
+        Dest { family: AF_INET6, ip, port }
+    }
+}
+
+fn is_v4_mapped(ip: &[u32; 4]) -> bool {
+    ip[0] == 0 && ip[1] == 0 && ip[2] == 0xffffu32.to_be()
+}
+
+/// Is the caller the daemon itself or in an exempt cgroup?
+fn caller_exempt(s: &Settings) -> bool {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if tgid == s.daemon_tgid {
+        return true;
+    }
+    // SAFETY: helper without arguments.
+    let cgroup = unsafe { bpf_get_current_cgroup_id() };
+    EXEMPT_CGROUPS.get_ptr(&cgroup).is_some()
+}
+
+fn excluded(d: &Dest) -> bool {
+    let mut bytes = [0u8; 16];
+    let prefix_len = if d.family == AF_INET {
+        bytes[10] = 0xff;
+        bytes[11] = 0xff;
+        bytes[12..16].copy_from_slice(&d.ip[0].to_ne_bytes());
+        128
+    } else {
+        let mut i = 0;
+        while i < 4 {
+            bytes[i * 4..i * 4 + 4].copy_from_slice(&d.ip[i].to_ne_bytes());
+            i += 1;
+        }
+        128
+    };
+    EXCLUDED.get(Key::new(prefix_len, bytes)).is_some()
+}
+
+#[inline(always)]
+fn try_connect(ctx: &SockAddrContext, v6: bool) -> Option<i32> {
+    let s = settings()?;
+    if s.flags & FLAG_ENABLED == 0 {
+        return Some(ALLOW);
+    }
+    let sa = sock_addr(ctx);
+    let dest = user_dest(sa, v6);
+    let sock_type = sa.type_;
+    if sock_type == SOCK_DGRAM {
+        return Some(quic_verdict(ctx, s, &dest));
+    }
+    if sock_type != SOCK_STREAM || PORTS.get_ptr(&dest.port).is_none() || caller_exempt(s) {
+        return Some(ALLOW);
+    }
+    // Which listener can this socket reach? An AF_INET socket only an IPv4 one; an AF_INET6
+    // socket going to an IPv4-mapped address the IPv4 listener through its mapped form.
+    let to_v4 = dest.family == AF_INET;
+    if (to_v4 && s.flags & FLAG_HAS_V4 == 0) || (!to_v4 && s.flags & FLAG_HAS_V6 == 0) {
+        return Some(ALLOW);
+    }
+    if is_listener(s, &dest) || excluded(&dest) {
+        return Some(ALLOW);
+    }
+
+    // SAFETY: the cookie helper takes the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr as *mut c_void) };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let uid_gid = bpf_get_current_uid_gid();
+    let record = ConnRecord {
+        orig_ip: dest.ip,
+        orig_port: dest.port,
+        family: dest.family,
+        pid: (pid_tgid >> 32) as u32,
+        tid: pid_tgid as u32,
+        uid: uid_gid as u32,
+        gid: (uid_gid >> 32) as u32,
+        reserved: 0,
+        // SAFETY: helper without arguments.
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        comm: bpf_get_current_comm().unwrap_or([0u8; 16]),
+    };
+    // No record, no redirect: the daemon could not tell where the connection was going.
+    BY_COOKIE.insert(&cookie, &record, 0).ok()?;
+
+    if !v6 {
+        sa.user_ip4 = s.listen_ip4;
+        sa.user_port = (s.listen_port4.to_be()) as u32;
+    } else if to_v4 {
+        sa.user_ip6[0] = 0;
+        sa.user_ip6[1] = 0;
+        sa.user_ip6[2] = 0xffffu32.to_be();
+        sa.user_ip6[3] = s.listen_ip4;
+        sa.user_port = (s.listen_port4.to_be()) as u32;
+    } else {
+        sa.user_ip6[0] = s.listen_ip6[0];
+        sa.user_ip6[1] = s.listen_ip6[1];
+        sa.user_ip6[2] = s.listen_ip6[2];
+        sa.user_ip6[3] = s.listen_ip6[3];
+        sa.user_port = (s.listen_port6.to_be()) as u32;
+    }
+    debug!(ctx, "redirect pid {} port {}", record.pid, dest.port);
+    Some(ALLOW)
+}
+
+fn is_listener(s: &Settings, d: &Dest) -> bool {
+    if d.family == AF_INET {
+        d.ip[0] == s.listen_ip4 && d.port == s.listen_port4
+    } else {
+        d.ip == s.listen_ip6 && d.port == s.listen_port6
+    }
+}
+
+/// UDP to port 443 is QUIC in practice; refusing it makes HTTP/3 clients fall back to TCP,
+/// which wl can see.
+#[inline(always)]
+fn quic_verdict(ctx: &SockAddrContext, s: &Settings, dest: &Dest) -> i32 {
+    if s.flags & FLAG_BLOCK_QUIC != 0 && dest.port == QUIC_PORT && !caller_exempt(s) {
+        debug!(ctx, "refused udp to port 443 (block_quic)");
+        return REFUSE;
+    }
+    ALLOW
+}
+
+#[inline(always)]
+fn try_sendmsg(ctx: &SockAddrContext, v6: bool) -> Option<i32> {
+    let s = settings()?;
+    if s.flags & FLAG_ENABLED == 0 {
+        return Some(ALLOW);
+    }
+    let sa = sock_addr(ctx);
+    let dest = user_dest(sa, v6);
+    Some(quic_verdict(ctx, s, &dest))
+}
+
+/// The agent asked who it is talking to: answer with the original destination rather than
+/// wl's listener.
+#[inline(always)]
+fn try_getpeername(ctx: &SockAddrContext, v6: bool) -> Option<i32> {
+    // SAFETY: the cookie helper takes the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr as *mut c_void) };
+    let record = BY_COOKIE.get_ptr(&cookie)?;
+    // SAFETY: the pointer comes from a successful lookup and is only read.
+    let record = unsafe { &*record };
+    let sa = sock_addr(ctx);
+    sa.user_port = (record.orig_port.to_be()) as u32;
+    if !v6 {
+        sa.user_ip4 = record.orig_ip[0];
+    } else if record.family == AF_INET {
+        sa.user_ip6[0] = 0;
+        sa.user_ip6[1] = 0;
+        sa.user_ip6[2] = 0xffffu32.to_be();
+        sa.user_ip6[3] = record.orig_ip[0];
+    } else {
+        sa.user_ip6[0] = record.orig_ip[0];
+        sa.user_ip6[1] = record.orig_ip[1];
+        sa.user_ip6[2] = record.orig_ip[2];
+        sa.user_ip6[3] = record.orig_ip[3];
+    }
+    Some(ALLOW)
+}
+
+/// Copies the record of a redirected connection under the client's local address and port,
+/// the only key the daemon's accepted socket can name.
+fn rekey_by_peer(ctx: &SockOpsContext) -> Option<()> {
+    // SAFETY: the cookie helper takes the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut c_void) };
+    let record = BY_COOKIE.get_ptr(&cookie)?;
+    let mut key = PeerKey { family: AF_INET as u32, port: ctx.local_port(), addr: [0; 4] };
+    if ctx.family() == AF_INET as u32 {
+        key.addr[0] = ctx.local_ip4();
+    } else {
+        let ip = ctx.local_ip6();
+        if is_v4_mapped(&ip) {
+            key.addr[0] = ip[3];
+        } else {
+            key.family = AF_INET6 as u32;
+            key.addr = ip;
+        }
+    }
+    // SAFETY: the pointer comes from a successful lookup and is only read.
+    BY_PEER.insert(&key, unsafe { &*record }, 0).ok()
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";
