@@ -69,7 +69,7 @@ pub struct ConnectionRecord {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum AuditRecord {
     /// See [`ConnectionRecord`].
-    Connection(ConnectionRecord),
+    Connection(Box<ConnectionRecord>),
     /// Records that could not be queued since the last such record.
     Dropped {
         /// How many.
@@ -100,7 +100,10 @@ pub struct AuditWriter {
 impl AuditLog {
     /// Opens (creating) the file and starts the writer task.
     pub async fn open(path: &Path) -> Result<(AuditLog, AuditWriter), AuditError> {
-        let err = |source| AuditError::Open { path: path.to_owned(), source };
+        let err = |source| AuditError::Open {
+            path: path.to_owned(),
+            source,
+        };
         if let Some(dir) = path.parent() {
             tokio::fs::create_dir_all(dir).await.map_err(err)?;
         }
@@ -114,7 +117,13 @@ impl AuditLog {
         let (tx, rx) = mpsc::channel(QUEUE);
         let dropped = Arc::new(AtomicU64::new(0));
         let (done_tx, done) = oneshot::channel();
-        tokio::spawn(write_loop(file, rx, dropped.clone(), path.to_owned(), done_tx));
+        tokio::spawn(write_loop(
+            file,
+            rx,
+            dropped.clone(),
+            path.to_owned(),
+            done_tx,
+        ));
         Ok((AuditLog { tx, dropped }, AuditWriter { done }))
     }
 
@@ -151,7 +160,10 @@ async fn write_loop(
         }
         let mut buf = Vec::with_capacity(batch.len() * 512);
         for record in batch.drain(..) {
-            let line = Line { time: now_rfc3339(), record: &record };
+            let line = Line {
+                time: now_rfc3339(),
+                record: &record,
+            };
             serde_json::to_writer(&mut buf, &line).expect("audit records always serialize");
             buf.push(b'\n');
         }

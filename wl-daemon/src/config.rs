@@ -140,7 +140,9 @@ impl Default for InterceptConfig {
 
 impl Default for AuditConfig {
     fn default() -> Self {
-        Self { path: default_audit_path() }
+        Self {
+            path: default_audit_path(),
+        }
     }
 }
 
@@ -184,8 +186,10 @@ impl Config {
 
     /// Reads and validates a configuration file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         Self::parse(&text, &path.display().to_string())
     }
 
@@ -195,7 +199,7 @@ impl Config {
             let location = match e.span() {
                 Some(span) => {
                     let (line, column) = line_column(text, span.start);
-                    format!(" line {line}, column {column}")
+                    format!(" at line {line}, column {column}")
                 }
                 None => String::new(),
             };
@@ -205,7 +209,10 @@ impl Config {
                 message: e.message().trim().replace('\n', " "),
             }
         })?;
-        config.validate().map_err(|message| ConfigError::Invalid { origin: origin.to_owned(), message })?;
+        config.validate().map_err(|message| ConfigError::Invalid {
+            origin: origin.to_owned(),
+            message,
+        })?;
         Ok(config)
     }
 
@@ -217,7 +224,10 @@ impl Config {
     fn validate(&self) -> Result<(), String> {
         let ic = &self.intercept;
         if ic.cgroups.is_empty() {
-            return Err("intercept.cgroups is empty: name at least one cgroup (\"/\" is the whole host)".into());
+            return Err(
+                "intercept.cgroups is empty: name at least one cgroup (\"/\" is the whole host)"
+                    .into(),
+            );
         }
         for cg in ic.cgroups.iter().chain(&ic.exempt_cgroups) {
             if !cg.starts_with('/') || cg.split('/').any(|part| part == "..") {
@@ -233,7 +243,10 @@ impl Config {
             return Err("intercept.ports contains 0, which is not a destination port".into());
         }
         if ic.listen.is_empty() {
-            return Err("intercept.listen is empty: give a loopback address such as \"127.0.0.1:15001\"".into());
+            return Err(
+                "intercept.listen is empty: give a loopback address such as \"127.0.0.1:15001\""
+                    .into(),
+            );
         }
         for (i, addr) in ic.listen.iter().enumerate() {
             if !addr.ip().is_loopback() {
@@ -241,12 +254,21 @@ impl Config {
                     "intercept.listen `{addr}` is not a loopback address: redirected connections must stay on this host"
                 ));
             }
-            if ic.listen[..i].iter().any(|other| other.is_ipv4() == addr.is_ipv4()) {
-                return Err(format!("intercept.listen has two {} listeners: give at most one per family", if addr.is_ipv4() { "IPv4" } else { "IPv6" }));
+            if ic.listen[..i]
+                .iter()
+                .any(|other| other.is_ipv4() == addr.is_ipv4())
+            {
+                return Err(format!(
+                    "intercept.listen has two {} listeners: give at most one per family",
+                    if addr.is_ipv4() { "IPv4" } else { "IPv6" }
+                ));
             }
         }
         if !ic.pin_dir.is_absolute() {
-            return Err(format!("intercept.pin_dir `{}` must be an absolute path", ic.pin_dir.display()));
+            return Err(format!(
+                "intercept.pin_dir `{}` must be an absolute path",
+                ic.pin_dir.display()
+            ));
         }
         Ok(())
     }
@@ -287,7 +309,8 @@ mod tests {
 
     #[test]
     fn unknown_key_names_key_and_line() {
-        let err = Config::parse("mode = \"observe\"\n[intercept]\nportz = [443]\n", "t.toml").unwrap_err();
+        let err = Config::parse("mode = \"observe\"\n[intercept]\nportz = [443]\n", "t.toml")
+            .unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("portz"), "{msg}");
         assert!(msg.contains("line 3"), "{msg}");
@@ -298,8 +321,14 @@ mod tests {
     fn bad_values_are_refused_with_reasons() {
         for (toml, needle) in [
             ("mode = \"deny\"", "deny"),
-            ("[intercept]\nlisten = [\"10.0.0.1:15001\"]", "not a loopback"),
-            ("[intercept]\nlisten = [\"127.0.0.1:1\", \"127.0.0.2:2\"]", "two IPv4"),
+            (
+                "[intercept]\nlisten = [\"10.0.0.1:15001\"]",
+                "not a loopback",
+            ),
+            (
+                "[intercept]\nlisten = [\"127.0.0.1:1\", \"127.0.0.2:2\"]",
+                "two IPv4",
+            ),
             ("[intercept]\nports = []", "ports is empty"),
             ("[intercept]\ncgroups = [\"agents\"]", "absolute path"),
             ("[intercept]\nexclude = [\"10.0.0.0/33\"]", "line 2"),

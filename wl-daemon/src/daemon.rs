@@ -16,7 +16,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     audit::AuditLog,
     config::{Config, FailMode},
-    intercept::{cgroup, identity::IdentityResolver, Interceptor},
+    intercept::{self, cgroup, identity::IdentityResolver, Interceptor},
     proxy,
 };
 
@@ -25,13 +25,17 @@ const DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Runs the daemon.
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    intercept::check_capabilities()?;
     let mount = cgroup::cgroup2_mount()?;
     for name in &config.intercept.cgroups {
         cgroup::cgroup_dir(&mount, name)?;
     }
     let _lock = lock_state_dir(&config.state_dir)?;
     let listeners = proxy::bind(&config.intercept.listen).await?;
-    let bound: Vec<_> = listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
+    let bound: Vec<_> = listeners
+        .iter()
+        .filter_map(|l| l.local_addr().ok())
+        .collect();
     let (audit, audit_writer) = AuditLog::open(&config.audit.path).await?;
     let interceptor = Interceptor::start(&config.intercept, &mount, &bound)?;
     let attached = interceptor.attached().to_vec();
@@ -84,7 +88,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     audit_writer.shutdown().await;
     match config.intercept.fail {
         FailMode::Open => tracing::info!("detached; agents now connect directly"),
-        FailMode::Closed => tracing::info!(pinned, "links stay pinned: intercepted connects are refused until wl-daemon is back"),
+        FailMode::Closed => tracing::info!(
+            pinned,
+            "links stay pinned: intercepted connects are refused until wl-daemon is back"
+        ),
     }
     Ok(())
 }

@@ -133,13 +133,30 @@ fn sock_addr(ctx: &SockAddrContext) -> &mut bpf_sock_addr {
 fn user_dest(sa: &bpf_sock_addr, v6: bool) -> Dest {
     let port = u16::from_be(sa.user_port as u16);
     if !v6 {
-        return Dest { family: AF_INET, ip: [sa.user_ip4, 0, 0, 0], port };
+        return Dest {
+            family: AF_INET,
+            ip: [sa.user_ip4, 0, 0, 0],
+            port,
+        };
     }
-    let ip = [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]];
+    let ip = [
+        sa.user_ip6[0],
+        sa.user_ip6[1],
+        sa.user_ip6[2],
+        sa.user_ip6[3],
+    ];
     if is_v4_mapped(&ip) {
-        Dest { family: AF_INET, ip: [ip[3], 0, 0, 0], port }
+        Dest {
+            family: AF_INET,
+            ip: [ip[3], 0, 0, 0],
+            port,
+        }
     } else {
-        Dest { family: AF_INET6, ip, port }
+        Dest {
+            family: AF_INET6,
+            ip,
+            port,
+        }
     }
 }
 
@@ -304,7 +321,11 @@ fn rekey_by_peer(ctx: &SockOpsContext) -> Option<()> {
     // SAFETY: the cookie helper takes the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut c_void) };
     let record = BY_COOKIE.get_ptr(&cookie)?;
-    let mut key = PeerKey { family: AF_INET as u32, port: ctx.local_port(), addr: [0; 4] };
+    let mut key = PeerKey {
+        family: AF_INET as u32,
+        port: ctx.local_port(),
+        addr: [0; 4],
+    };
     if ctx.family() == AF_INET as u32 {
         key.addr[0] = ctx.local_ip4();
     } else {

@@ -1,1 +1,141 @@
-fn main(){}
+//! `cargo xtask`: the project's own set-up, build, run, test and bench tasks.
+//!
+//! Every task that needs tools calls `setup` first, so that on a fresh machine of this
+//! project's kind (Debian 12, root, rustup's stable and nightly) `cargo xtask run` and
+//! `cargo xtask test` work with nothing done by hand.
+
+mod bench;
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context as _};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing need (idempotent; prints what it does and why).
+    Setup,
+    /// Build everything (the eBPF object is built by wl-daemon's build.rs).
+    Build {
+        /// Release profile.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Build and run `wl-daemon run` as root; extra arguments go to it (e.g. `-- --config F`).
+    Run {
+        /// Arguments for `wl-daemon run`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run every test: unit tests and the end-to-end tests (root, real eBPF, real clients).
+    Test {
+        /// Only tests whose name contains this.
+        filter: Option<String>,
+    },
+    /// rustfmt and clippy, as CI runs them.
+    Lint,
+    /// Benchmarks; results go to BENCHMARKS.md.
+    Bench {
+        /// Print results without rewriting BENCHMARKS.md.
+        #[arg(long)]
+        no_write: bool,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().task {
+        Task::Setup => setup::setup(),
+        Task::Build { release } => build(release),
+        Task::Run { args } => {
+            setup::setup()?;
+            build(true)?;
+            let bin = workspace_root().join("target/release/wl-daemon");
+            let status = Command::new(&bin)
+                .arg("run")
+                .args(&args)
+                .status()
+                .with_context(|| format!("starting {}", bin.display()))?;
+            if !status.success() {
+                bail!("wl-daemon exited with {status}");
+            }
+            Ok(())
+        }
+        Task::Test { filter } => {
+            setup::setup()?;
+            build(false)?;
+            test(filter.as_deref())
+        }
+        Task::Lint => lint(),
+        Task::Bench { no_write } => {
+            setup::setup()?;
+            build(true)?;
+            bench::run(!no_write)
+        }
+    }
+}
+
+/// The workspace root (xtask's parent directory).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_owned()
+}
+
+/// Runs a command, failing with its name when it fails.
+pub fn run_cmd(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(workspace_root());
+    cmd
+}
+
+fn build(release: bool) -> anyhow::Result<()> {
+    let mut cmd = cargo();
+    // Default members: everything but wl-ebpf, which only builds for the BPF target.
+    cmd.args(["build", "--bins"]);
+    if release {
+        cmd.arg("--release");
+    }
+    eprintln!(
+        "xtask: building ({})",
+        if release { "release" } else { "debug" }
+    );
+    run_cmd(&mut cmd)
+}
+
+fn test(filter: Option<&str>) -> anyhow::Result<()> {
+    let root = workspace_root();
+    let mut cmd = cargo();
+    cmd.arg("test");
+    cmd.env("WL_BIN_DIR", root.join("target/debug"));
+    cmd.env("WL_CACHE_DIR", setup::cache_dir());
+    if let Some(f) = filter {
+        cmd.args(["--", f]);
+    }
+    eprintln!("xtask: running the tests (unit and end-to-end)");
+    run_cmd(&mut cmd)
+}
+
+fn lint() -> anyhow::Result<()> {
+    run_cmd(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    run_cmd(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))
+}

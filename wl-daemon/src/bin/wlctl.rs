@@ -57,7 +57,9 @@ enum AuditCommand {
 
 fn main() -> ExitCode {
     match Cli::parse().command {
-        Command::Config { command: ConfigCommand::Check { path } } => match Config::load(&path) {
+        Command::Config {
+            command: ConfigCommand::Check { path },
+        } => match Config::load(&path) {
             Ok(_) => {
                 println!("{}: ok", path.display());
                 ExitCode::SUCCESS
@@ -67,7 +69,15 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Audit { command: AuditCommand::Tail { file, kind, pid, lines } } => {
+        Command::Audit {
+            command:
+                AuditCommand::Tail {
+                    file,
+                    kind,
+                    pid,
+                    lines,
+                },
+        } => {
             let f = match std::fs::File::open(&file) {
                 Ok(f) => f,
                 Err(e) => {
@@ -77,7 +87,9 @@ fn main() -> ExitCode {
             };
             let mut kept = std::collections::VecDeque::with_capacity(lines);
             for line in std::io::BufReader::new(f).lines().map_while(Result::ok) {
-                let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+                    continue;
+                };
                 if kind.as_deref().is_some_and(|k| v["kind"] != k) {
                     continue;
                 }

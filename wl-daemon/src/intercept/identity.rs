@@ -46,7 +46,10 @@ pub struct IdentityResolver {
 impl IdentityResolver {
     /// A resolver for cgroups under `cgroups`.
     pub fn new(cgroups: CgroupNames) -> Self {
-        Self { cgroups, users: Mutex::new(HashMap::new()) }
+        Self {
+            cgroups,
+            users: Mutex::new(HashMap::new()),
+        }
     }
 
     /// Everything known about the caller of a recorded connection.
@@ -76,7 +79,10 @@ impl IdentityResolver {
         users
             .entry(uid)
             .or_insert_with(|| {
-                nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)).ok().flatten().map(|u| u.name)
+                nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+                    .ok()
+                    .flatten()
+                    .map(|u| u.name)
             })
             .clone()
     }
@@ -105,7 +111,8 @@ mod tests {
         let mount = super::super::cgroup::cgroup2_mount().expect("cgroup2 is mounted here");
         let me = std::process::id();
         let path = cgroup_of_pid(me).expect("own cgroup");
-        let id = super::super::cgroup::cgroup_id(&mount.join(path.trim_start_matches('/'))).unwrap();
+        let id =
+            super::super::cgroup::cgroup_id(&mount.join(path.trim_start_matches('/'))).unwrap();
         let rec = ConnRecord {
             pid: me,
             tid: me,
@@ -116,7 +123,17 @@ mod tests {
         };
         let ident = IdentityResolver::new(CgroupNames::new(mount)).resolve(&rec);
         assert_eq!(ident.cgroup.as_deref(), Some(path.as_str()));
-        assert_eq!(ident.exe, std::env::current_exe().ok().map(|p| p.display().to_string()));
-        assert_eq!(ident.user.as_deref(), Some("root").filter(|_| rec.uid == 0).or(ident.user.as_deref()));
+        assert_eq!(
+            ident.exe,
+            std::env::current_exe()
+                .ok()
+                .map(|p| p.display().to_string())
+        );
+        assert_eq!(
+            ident.user.as_deref(),
+            Some("root")
+                .filter(|_| rec.uid == 0)
+                .or(ident.user.as_deref())
+        );
     }
 }

@@ -45,7 +45,9 @@ pub enum ProxyError {
 pub async fn bind(addrs: &[SocketAddr]) -> Result<Vec<TcpListener>, ProxyError> {
     let mut out = Vec::with_capacity(addrs.len());
     for &addr in addrs {
-        let listener = TcpListener::bind(addr).await.map_err(|source| ProxyError::Bind { addr, source })?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| ProxyError::Bind { addr, source })?;
         out.push(listener);
     }
     Ok(out)
@@ -66,7 +68,12 @@ pub struct Shared {
 impl Shared {
     /// Bundles the parts.
     pub fn new(interceptor: Interceptor, identities: IdentityResolver, audit: AuditLog) -> Self {
-        Self { interceptor, identities, audit, next_id: AtomicU64::new(1) }
+        Self {
+            interceptor,
+            identities,
+            audit,
+            next_id: AtomicU64::new(1),
+        }
     }
 }
 
@@ -90,7 +97,8 @@ pub async fn serve(
                 let shared = shared.clone();
                 let stop = stop_conns.clone();
                 let listener_addr = local.map(|a| a.to_string()).unwrap_or_default();
-                tracker.spawn(async move { handle(stream, peer, listener_addr, shared, stop).await });
+                tracker
+                    .spawn(async move { handle(stream, peer, listener_addr, shared, stop).await });
             }
             Err(e) => {
                 // EMFILE and friends: back off rather than spin.
@@ -101,7 +109,13 @@ pub async fn serve(
     }
 }
 
-async fn handle(mut agent: TcpStream, peer: SocketAddr, listener: String, shared: Arc<Shared>, stop: CancellationToken) {
+async fn handle(
+    mut agent: TcpStream,
+    peer: SocketAddr,
+    listener: String,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) {
     let started = Instant::now();
     let conn_id = shared.next_id.fetch_add(1, Ordering::Relaxed);
     let mut record = ConnectionRecord {
@@ -119,8 +133,11 @@ async fn handle(mut agent: TcpStream, peer: SocketAddr, listener: String, shared
     let Some(kernel) = shared.interceptor.take_record(peer) else {
         // Someone connected to the listener directly, or the record aged out.
         tracing::warn!(conn_id, %peer, "connection without an interception record: closed");
-        record.error = Some("no interception record for this connection (not redirected by wl)".into());
-        shared.audit.record(AuditRecord::Connection(record));
+        record.error =
+            Some("no interception record for this connection (not redirected by wl)".into());
+        shared
+            .audit
+            .record(AuditRecord::Connection(Box::new(record)));
         return;
     };
     let dst = original_destination(&kernel);
@@ -132,22 +149,30 @@ async fn handle(mut agent: TcpStream, peer: SocketAddr, listener: String, shared
     record.dst = Some(dst.to_string());
     record.agent = Some(identity);
 
-    let upstream = match tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, TcpStream::connect(dst)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            record.error = Some(format!("connecting to {dst}: {e}"));
-            return finish(&shared, record, started);
-        }
-        Err(_) => {
-            record.error = Some(format!("connecting to {dst}: timed out after {UPSTREAM_CONNECT_TIMEOUT:?}"));
-            return finish(&shared, record, started);
-        }
-    };
+    let upstream =
+        match tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, TcpStream::connect(dst)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                record.error = Some(format!("connecting to {dst}: {e}"));
+                return finish(&shared, record, started);
+            }
+            Err(_) => {
+                record.error = Some(format!(
+                    "connecting to {dst}: timed out after {UPSTREAM_CONNECT_TIMEOUT:?}"
+                ));
+                return finish(&shared, record, started);
+            }
+        };
     let mut upstream = upstream;
     let _ = agent.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
     record.action = "splice";
-    let relay = tokio::io::copy_bidirectional_with_sizes(&mut agent, &mut upstream, RELAY_BUFFER, RELAY_BUFFER);
+    let relay = tokio::io::copy_bidirectional_with_sizes(
+        &mut agent,
+        &mut upstream,
+        RELAY_BUFFER,
+        RELAY_BUFFER,
+    );
     tokio::select! {
         result = relay => match result {
             Ok((up, down)) => {
@@ -166,5 +191,7 @@ fn finish(shared: &Shared, mut record: ConnectionRecord, started: Instant) {
     if let Some(e) = &record.error {
         tracing::debug!(conn_id = record.conn_id, error = %e, "connection ended with an error");
     }
-    shared.audit.record(AuditRecord::Connection(record));
+    shared
+        .audit
+        .record(AuditRecord::Connection(Box::new(record)));
 }
