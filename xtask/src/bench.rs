@@ -1,4 +1,376 @@
-//! `cargo xtask bench`: filled in below.
-pub fn run(_write: bool) -> anyhow::Result<()> {
-    anyhow::bail!("not yet")
+//! `cargo xtask bench`: measurements against a baseline on the same machine in the same run,
+//! alternating A B A B so that a noisy 2-core machine hits both alike. Results are written
+//! to BENCHMARKS.md with the machine and the commands.
+//!
+//! - connect() latency on a port that is *not* intercepted, from a process in an intercepted
+//!   cgroup vs. one in a cgroup with no programs: the cost every connect pays for the hook.
+//! - bulk throughput through the splice path vs. direct, over loopback.
+//!
+//! The measuring clients are this same binary (`cargo xtask bench-client ...`, hidden),
+//! moved into the right cgroup before they start.
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _};
+
+use crate::workspace_root;
+
+const ROUNDS: usize = 5;
+const CONNECTS_PER_ROUND: usize = 2_000;
+/// connect() rounds: many short ones, so that noise hits both sides alike.
+const CONNECT_ROUNDS: usize = 20;
+const BULK_BYTES: u64 = 1 << 30;
+
+/// A cgroup for one benchmark, removed on drop.
+struct Cgroup {
+    name: String,
+    dir: PathBuf,
+}
+
+impl Cgroup {
+    fn new(tag: &str) -> anyhow::Result<Self> {
+        let mount = cgroup2_mount()?;
+        let name = format!("/wl-bench-{}-{tag}", std::process::id());
+        let dir = mount.join(name.trim_start_matches('/'));
+        std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Self { name, dir })
+    }
+
+    /// Runs this binary's bench-client inside the cgroup and returns its stdout.
+    fn run_client(&self, args: &[String]) -> anyhow::Result<String> {
+        let exe = std::env::current_exe()?;
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "echo $$ > {}/cgroup.procs && exec \"$@\"",
+                self.dir.display()
+            ))
+            .arg("sh")
+            .arg(exe)
+            .arg("bench-client")
+            .args(args)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "bench client failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8(out.stdout)?)
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.dir.join("cgroup.kill"), "1");
+        for _ in 0..100 {
+            if std::fs::remove_dir(&self.dir).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn cgroup2_mount() -> anyhow::Result<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo")?;
+    text.lines()
+        .find_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            let mp = left.split_whitespace().nth(4)?;
+            (right.split_whitespace().next()? == "cgroup2").then(|| PathBuf::from(mp))
+        })
+        .context("no cgroup2 mount")
+}
+
+/// A release wl-daemon for the benchmark, stopped on drop.
+struct Daemon {
+    child: Child,
+    _dir: PathBuf,
+}
+
+impl Daemon {
+    fn start(cgroup: &str, ports: &[u16]) -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(format!("wl-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let config = dir.join("wl.toml");
+        let ports = ports
+            .iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        std::fs::write(
+            &config,
+            format!(
+                "state_dir = {state:?}\n[intercept]\ncgroups = [{cgroup:?}]\nports = [{ports}]\n\
+                 listen = [\"127.0.0.1:0\", \"[::1]:0\"]\n[audit]\npath = {audit:?}\n",
+                state = dir.join("state").display().to_string(),
+                audit = dir.join("audit.jsonl").display().to_string(),
+            ),
+        )?;
+        let bin = workspace_root().join("target/release/wl-daemon");
+        let mut child = Command::new(&bin)
+            .arg("run")
+            .arg("--config")
+            .arg(&config)
+            .env("WL_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        // Ready once the programs are attached: poll bpftool for them.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let cg_dir = cgroup2_mount()?.join(cgroup.trim_start_matches('/'));
+        loop {
+            let out = Command::new("bpftool")
+                .args(["cgroup", "show"])
+                .arg(&cg_dir)
+                .output()?;
+            if String::from_utf8_lossy(&out.stdout).contains("wl_connect4") {
+                break;
+            }
+            if let Some(status) = child.try_wait()? {
+                let mut err = String::new();
+                child.stderr.take().unwrap().read_to_string(&mut err)?;
+                bail!("wl-daemon exited with {status}: {err}");
+            }
+            if Instant::now() > deadline {
+                bail!("wl-daemon did not attach within 20 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(Self { child, _dir: dir })
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let pid = nix_pid(self.child.id());
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self._dir);
+    }
+}
+
+fn nix_pid(pid: u32) -> i32 {
+    pid as i32
+}
+
+/// Accepts connections and closes them at once: the far end for the connect() benchmark.
+fn accept_server() -> anyhow::Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.2:0")?;
+    let addr = listener.local_addr()?;
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            drop(stream);
+        }
+    });
+    Ok(addr)
+}
+
+/// Accepts and drains connections until the process exits, answering each with the byte
+/// count it received; returns the address.
+fn sink_server() -> anyhow::Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.2:0")?;
+    let addr = listener.local_addr()?;
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut stream = stream;
+                let mut buf = vec![0u8; 256 * 1024];
+                let mut total = 0u64;
+                while let Ok(n) = stream.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    total += n as u64;
+                }
+                let _ = stream.write_all(&total.to_le_bytes());
+            });
+        }
+    });
+    Ok(addr)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+/// `cargo xtask bench`.
+pub fn run(write: bool) -> anyhow::Result<()> {
+    if !Path::new("/proc/self").exists() || !nix_is_root() {
+        bail!("the benchmarks attach eBPF programs: run `cargo xtask bench` as root");
+    }
+    let sink = sink_server()?;
+    let plain_port = sink.port();
+    let hooked = Cgroup::new("hooked")?;
+    let bare = Cgroup::new("bare")?;
+
+    // 1. connect() on a non-intercepted port: hook vs no hook.
+    let intercepted_port = {
+        let l = TcpListener::bind("127.0.0.2:0")?;
+        l.local_addr()?.port()
+    };
+    let daemon = Daemon::start(&hooked.name, &[intercepted_port])?;
+    let acceptor = accept_server()?;
+    let connect_args = vec![
+        "connect".to_string(),
+        acceptor.to_string(),
+        CONNECTS_PER_ROUND.to_string(),
+    ];
+    let (mut with_hook, mut without, mut diffs) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..CONNECT_ROUNDS {
+        let h = hooked.run_client(&connect_args)?.trim().parse::<f64>()?;
+        let b = bare.run_client(&connect_args)?.trim().parse::<f64>()?;
+        with_hook.push(h);
+        without.push(b);
+        diffs.push(h - b);
+    }
+    drop(daemon);
+    let (connect_hook, connect_bare) = (median(&mut with_hook), median(&mut without));
+    let added_ns = median(&mut diffs);
+
+    // 2. Bulk throughput: through the splice path vs direct.
+    let _daemon = Daemon::start(&hooked.name, &[plain_port])?;
+    let bulk_args = vec!["bulk".to_string(), sink.to_string(), BULK_BYTES.to_string()];
+    let (mut spliced, mut direct) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        spliced.push(hooked.run_client(&bulk_args)?.trim().parse::<f64>()?);
+        direct.push(bare.run_client(&bulk_args)?.trim().parse::<f64>()?);
+    }
+    let (bulk_spliced, bulk_direct) = (median(&mut spliced), median(&mut direct));
+
+    let ratio = bulk_spliced / bulk_direct;
+    let report = format!(
+        "## Foundation: connect() hook cost and splice throughput\n\n\
+         {machine}\n\
+         Command: `cargo xtask bench` (release build). connect(): {CONNECT_ROUNDS} alternating rounds of \
+         {CONNECTS_PER_ROUND} calls, median per round, result = median of the paired differences. \
+         Bulk: {ROUNDS} alternating rounds, medians.\n\n\
+         | measurement | with wl | baseline | result | target |\n|---|---|---|---|---|\n\
+         | connect() to a non-intercepted port, per call | {connect_hook:.0} ns (intercepted cgroup) | {connect_bare:.0} ns (cgroup without programs) | {added:+.2} µs added | < 2 µs added: {c_ok} |\n\
+         | bulk transfer, {gib} GiB one way over loopback | {bulk_spliced:.2} Gbit/s (splice path) | {bulk_direct:.2} Gbit/s (direct) | {pct:.0}% of direct | ≥ 80%: {b_ok} |\n",
+        machine = machine_description(),
+        added = added_ns / 1000.0,
+        c_ok = if added_ns < 2000.0 { "met" } else { "not met" },
+        gib = BULK_BYTES >> 30,
+        pct = ratio * 100.0,
+        b_ok = if ratio >= 0.8 { "met" } else { "not met" },
+    );
+    println!("{report}");
+    if write {
+        let path = workspace_root().join("BENCHMARKS.md");
+        let header = "# Benchmarks\n\nNumbers from `cargo xtask bench` on this project's machines; every comparison is \
+                      measured in the same run on the same machine, alternating the two sides.\n\n";
+        std::fs::write(&path, format!("{header}{report}"))?;
+        eprintln!("xtask bench: wrote {}", path.display());
+    }
+    Ok(())
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("Uid:")
+                    .map(|v| v.split_whitespace().nth(1) == Some("0"))
+            })
+        })
+        .unwrap_or(false)
+}
+
+fn machine_description() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+            })
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines().next().map(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .unwrap_or("0")
+                    .parse::<u64>()
+                    .unwrap_or(0)
+            })
+        })
+        .unwrap_or(0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let os = std::fs::read_to_string("/etc/os-release")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("PRETTY_NAME=")
+                    .map(|v| v.trim_matches('"').to_owned())
+            })
+        })
+        .unwrap_or_default();
+    format!(
+        "Machine: {cpu}, {cores} cores, {:.0} GiB RAM, {os}, kernel {}.\n",
+        mem as f64 / 1024.0 / 1024.0,
+        kernel.trim()
+    )
+}
+
+/// The hidden `bench-client` subcommand: runs inside a cgroup, prints one number.
+pub fn client(args: &[String]) -> anyhow::Result<()> {
+    match args {
+        [mode, addr, n] if mode == "connect" => {
+            let addr: SocketAddr = addr.parse()?;
+            let n: usize = n.parse()?;
+            let mut samples = Vec::with_capacity(n);
+            for _ in 0..n {
+                let t = Instant::now();
+                let s = TcpStream::connect(addr)?;
+                samples.push(t.elapsed().as_nanos() as f64);
+                // Reset instead of TIME_WAIT, so that rounds never run out of ports.
+                let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+                drop(s);
+            }
+            println!("{}", median(&mut samples));
+        }
+        [mode, addr, bytes] if mode == "bulk" => {
+            let addr: SocketAddr = addr.parse()?;
+            let total: u64 = bytes.parse()?;
+            let buf = vec![0x5au8; 256 * 1024];
+            let mut s = TcpStream::connect(addr)?;
+            let t = Instant::now();
+            let mut sent = 0u64;
+            while sent < total {
+                let n = (total - sent).min(buf.len() as u64) as usize;
+                s.write_all(&buf[..n])?;
+                sent += n as u64;
+            }
+            s.shutdown(std::net::Shutdown::Write)?;
+            let mut ack = [0u8; 8];
+            s.read_exact(&mut ack)?;
+            let secs = t.elapsed().as_secs_f64();
+            if u64::from_le_bytes(ack) != total {
+                bail!("sink received {} of {total} bytes", u64::from_le_bytes(ack));
+            }
+            println!("{}", total as f64 * 8.0 / secs / 1e9);
+        }
+        _ => bail!("usage: bench-client connect ADDR N | bulk ADDR BYTES"),
+    }
+    Ok(())
 }

@@ -51,6 +51,12 @@ enum Task {
         #[arg(long)]
         no_write: bool,
     },
+    /// Measuring client that `bench` runs inside a cgroup.
+    #[command(hide = true)]
+    BenchClient {
+        /// `connect ADDR N` or `bulk ADDR BYTES`.
+        args: Vec<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -82,6 +88,7 @@ fn main() -> anyhow::Result<()> {
             build(true)?;
             bench::run(!no_write)
         }
+        Task::BenchClient { args } => bench::client(&args),
     }
 }
 

@@ -5,6 +5,8 @@
 //! daemon's own connects are exempt from redirection), relay bytes both ways unchanged, and
 //! write one audit record when the connection ends. TLS termination builds on this path.
 
+pub mod splice;
+
 use std::{
     net::SocketAddr,
     sync::{
@@ -24,8 +26,6 @@ use crate::{
 
 /// How long connecting to an original destination may take.
 const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Relay buffer per direction: large enough that bulk transfers move in few syscalls.
-const RELAY_BUFFER: usize = 64 * 1024;
 
 /// Errors binding listeners.
 #[derive(Debug, thiserror::Error)]
@@ -110,7 +110,7 @@ pub async fn serve(
 }
 
 async fn handle(
-    mut agent: TcpStream,
+    agent: TcpStream,
     peer: SocketAddr,
     listener: String,
     shared: Arc<Shared>,
@@ -163,16 +163,10 @@ async fn handle(
                 return finish(&shared, record, started);
             }
         };
-    let mut upstream = upstream;
     let _ = agent.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
     record.action = "splice";
-    let relay = tokio::io::copy_bidirectional_with_sizes(
-        &mut agent,
-        &mut upstream,
-        RELAY_BUFFER,
-        RELAY_BUFFER,
-    );
+    let relay = splice::relay(&agent, &upstream);
     tokio::select! {
         result = relay => match result {
             Ok((up, down)) => {
