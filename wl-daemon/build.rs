@@ -9,14 +9,8 @@ fn main() -> anyhow::Result<()> {
     let ebpf_dir = manifest_dir.join("../wl-ebpf");
     let ebpf_dir = ebpf_dir.to_str().context("non-UTF-8 path to wl-ebpf")?;
     aya_build::build_ebpf(
-        [aya_build::Package {
-            name: "wl-ebpf",
-            root_dir: ebpf_dir,
-            ..Default::default()
-        }],
+        [aya_build::Package { name: "wl-ebpf", root_dir: ebpf_dir, ..Default::default() }],
         aya_build::Toolchain::default(),
     )
-    .context(
-        "building the eBPF object failed: run `cargo xtask setup` (nightly rust-src, bpf-linker)",
-    )
+    .context("building the eBPF object failed: run `cargo xtask setup` (nightly rust-src, bpf-linker)")
 }

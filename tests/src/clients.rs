@@ -15,16 +15,9 @@ pub fn python_json(cg: Option<&TestCgroup>, script: &str, args: &[&str]) -> Valu
     };
     cmd.arg(fixtures().join(script)).args(args);
     let out = run(&mut cmd);
-    assert!(
-        out.status.success(),
-        "{script} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{script} failed: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "{script} printed no JSON ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
+        panic!("{script} printed no JSON ({e}): {}", String::from_utf8_lossy(&out.stdout))
     })
 }
 
@@ -39,14 +32,7 @@ pub fn curl(cg: Option<&TestCgroup>, args: &[&str]) -> Output {
 }
 
 fn run(cmd: &mut Command) -> Output {
-    for var in [
-        "HTTPS_PROXY",
-        "https_proxy",
-        "HTTP_PROXY",
-        "http_proxy",
-        "ALL_PROXY",
-        "all_proxy",
-    ] {
+    for var in ["HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"] {
         cmd.env_remove(var);
     }
     cmd.stdin(Stdio::null()).output().expect("run client")

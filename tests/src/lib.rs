@@ -28,12 +28,7 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// A name unique to this test process and call, for cgroups and pin directories.
 pub fn unique(tag: &str) -> String {
-    format!(
-        "wl-e2e-{}-{}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed),
-        tag
-    )
+    format!("wl-e2e-{}-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed), tag)
 }
 
 /// Panics unless running as root: the end-to-end tests attach real eBPF programs.
@@ -50,11 +45,7 @@ pub fn bin(name: &str) -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug"));
     let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: build first (cargo xtask test does)",
-        path.display()
-    );
+    assert!(path.exists(), "{} is missing: build first (cargo xtask test does)", path.display());
     path
 }
 
@@ -80,11 +71,7 @@ pub fn cgroup2_mount() -> PathBuf {
 
 /// A free TCP port on `ip` (bound and released; good enough for tests).
 pub fn free_port(ip: &str) -> u16 {
-    TcpListener::bind((ip, 0))
-        .expect("bind an ephemeral port")
-        .local_addr()
-        .unwrap()
-        .port()
+    TcpListener::bind((ip, 0)).expect("bind an ephemeral port").local_addr().unwrap().port()
 }
 
 /// A cgroup made for one test, removed (with any process left in it) on drop.
@@ -102,8 +89,7 @@ impl TestCgroup {
         require_root();
         let name = format!("/{}", unique(tag));
         let dir = cgroup2_mount().join(name.trim_start_matches('/'));
-        std::fs::create_dir(&dir)
-            .unwrap_or_else(|e| panic!("creating cgroup {}: {e}", dir.display()));
+        std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("creating cgroup {}: {e}", dir.display()));
         Self { name, dir }
     }
 
@@ -111,10 +97,7 @@ impl TestCgroup {
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut cmd = Command::new("sh");
         cmd.arg("-c")
-            .arg(format!(
-                "echo $$ > {}/cgroup.procs && exec \"$@\"",
-                self.dir.display()
-            ))
+            .arg(format!("echo $$ > {}/cgroup.procs && exec \"$@\"", self.dir.display()))
             .arg("sh")
             .arg(program);
         cmd
@@ -122,24 +105,11 @@ impl TestCgroup {
 
     /// Programs attached to this cgroup, as `bpftool cgroup show` lists them.
     pub fn attached_programs(&self) -> Vec<String> {
-        let out = Command::new("bpftool")
-            .args(["cgroup", "show"])
-            .arg(&self.dir)
-            .output()
-            .expect("bpftool");
-        assert!(
-            out.status.success(),
-            "bpftool failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = Command::new("bpftool").args(["cgroup", "show"]).arg(&self.dir).output().expect("bpftool");
+        assert!(out.status.success(), "bpftool failed: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8_lossy(&out.stdout)
             .lines()
-            .filter(|l| {
-                l.trim_start()
-                    .chars()
-                    .next()
-                    .is_some_and(|c| c.is_ascii_digit())
-            })
+            .filter(|l| l.trim_start().chars().next().is_some_and(|c| c.is_ascii_digit()))
             .map(str::to_owned)
             .collect()
     }
@@ -192,12 +162,7 @@ impl DaemonConfig {
     }
 
     fn render(&self, dir: &Path, pin_dir: &Path) -> String {
-        let list = |v: &[String]| {
-            v.iter()
-                .map(|s| format!("{s:?}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
+        let list = |v: &[String]| v.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ");
         format!(
             "mode = {mode:?}\nstate_dir = {state:?}\n\n[intercept]\ncgroups = [{cgroups}]\nports = [{ports}]\n\
              listen = [{listen}]\nexclude = [{exclude}]\nblock_quic = {quic}\nfail = {fail:?}\npin_dir = {pin:?}\n\n\
@@ -229,14 +194,8 @@ pub struct DaemonHome {
 impl DaemonHome {
     /// A fresh home.
     pub fn new() -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("wl-e2e-")
-            .tempdir()
-            .expect("tempdir");
-        Self {
-            dir,
-            pin_dir: PathBuf::from("/sys/fs/bpf").join(unique("pins")),
-        }
+        let dir = tempfile::Builder::new().prefix("wl-e2e-").tempdir().expect("tempdir");
+        Self { dir, pin_dir: PathBuf::from("/sys/fs/bpf").join(unique("pins")) }
     }
 
     /// Writes the configuration file and returns its path.
@@ -255,9 +214,7 @@ impl DaemonHome {
     pub fn audit_records(&self) -> Vec<Value> {
         let text = std::fs::read_to_string(self.audit_path()).unwrap_or_default();
         text.lines()
-            .map(|l| {
-                serde_json::from_str(l).unwrap_or_else(|e| panic!("bad audit line {l:?}: {e}"))
-            })
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad audit line {l:?}: {e}")))
             .collect()
     }
 
@@ -268,11 +225,7 @@ impl DaemonHome {
             if let Some(v) = self.audit_records().into_iter().find(|r| pred(r)) {
                 return v;
             }
-            assert!(
-                Instant::now() < deadline,
-                "no audit record {what}; have: {:#?}",
-                self.audit_records()
-            );
+            assert!(Instant::now() < deadline, "no audit record {what}; have: {:#?}", self.audit_records());
             std::thread::sleep(Duration::from_millis(25));
         }
     }
@@ -332,10 +285,7 @@ impl Daemon {
                 }
             });
         }
-        let mut daemon = Daemon {
-            child: Some(child),
-            log,
-        };
+        let mut daemon = Daemon { child: Some(child), log };
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             if ready_rx.recv_timeout(Duration::from_millis(50)).is_ok() {
@@ -343,10 +293,7 @@ impl Daemon {
             }
             if let Some(status) = daemon.child.as_mut().unwrap().try_wait().unwrap() {
                 std::thread::sleep(Duration::from_millis(100));
-                panic!(
-                    "wl-daemon exited with {status} before ready:\n{}",
-                    daemon.log_text()
-                );
+                panic!("wl-daemon exited with {status} before ready:\n{}", daemon.log_text());
             }
             assert!(
                 Instant::now() < deadline,
@@ -373,11 +320,7 @@ impl Daemon {
             if let Some(l) = self.log.lock().unwrap().iter().find(|l| l.contains(needle)) {
                 return l.clone();
             }
-            assert!(
-                Instant::now() < deadline,
-                "no log line with {needle:?}:\n{}",
-                self.log_text()
-            );
+            assert!(Instant::now() < deadline, "no log line with {needle:?}:\n{}", self.log_text());
             std::thread::sleep(Duration::from_millis(25));
         }
     }
@@ -416,29 +359,14 @@ impl Drop for Daemon {
 /// Runs `wl-daemon run --config` on a configuration expected to be refused; returns the
 /// exit status and stderr.
 pub fn run_refused(cmd: &mut Command) -> (ExitStatus, String) {
-    let out = cmd
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run wl-daemon");
-    (
-        out.status,
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let out = cmd.env("NO_COLOR", "1").stdin(Stdio::null()).output().expect("run wl-daemon");
+    (out.status, String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 /// The pid owning the TCP socket whose local address is `local` (via `ss -p`).
 pub fn socket_owner(local: SocketAddr) -> Option<u32> {
-    let out = Command::new("ss")
-        .args(["-Htanp", "src"])
-        .arg(local.to_string())
-        .output()
-        .ok()?;
+    let out = Command::new("ss").args(["-Htanp", "src"]).arg(local.to_string()).output().ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
     let start = text.find("pid=")? + 4;
-    text[start..]
-        .split(|c: char| !c.is_ascii_digit())
-        .next()?
-        .parse()
-        .ok()
+    text[start..].split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
 }

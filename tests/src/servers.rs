@@ -18,11 +18,7 @@ pub fn fixtures() -> PathBuf {
 pub fn self_signed_cert(dir: &Path, ips: &[&str]) -> (PathBuf, PathBuf) {
     let cert = dir.join("upstream.crt");
     let key = dir.join("upstream.key");
-    let san = ips
-        .iter()
-        .map(|ip| format!("IP:{ip}"))
-        .collect::<Vec<_>>()
-        .join(",");
+    let san = ips.iter().map(|ip| format!("IP:{ip}")).collect::<Vec<_>>().join(",");
     let out = Command::new("openssl")
         .args([
             "req",
@@ -35,23 +31,14 @@ pub fn self_signed_cert(dir: &Path, ips: &[&str]) -> (PathBuf, PathBuf) {
             "-days",
             "2",
         ])
-        .args([
-            "-subj",
-            "/CN=wl-e2e-upstream",
-            "-addext",
-            &format!("subjectAltName={san}"),
-        ])
+        .args(["-subj", "/CN=wl-e2e-upstream", "-addext", &format!("subjectAltName={san}")])
         .arg("-keyout")
         .arg(&key)
         .arg("-out")
         .arg(&cert)
         .output()
         .expect("openssl");
-    assert!(
-        out.status.success(),
-        "openssl req failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "openssl req failed: {}", String::from_utf8_lossy(&out.stderr));
     (cert, key)
 }
 
@@ -76,26 +63,15 @@ impl Upstream {
     }
 
     fn start(dir: &Path, ip: &str, port: u16, tls: Option<(&Path, &Path)>) -> Self {
-        let log = dir.join(format!(
-            "upstream-{ip}-{port}-{}.jsonl",
-            crate::unique("log")
-        ));
+        let log = dir.join(format!("upstream-{ip}-{port}-{}.jsonl", crate::unique("log")));
         let mut cmd = Command::new("python3");
-        cmd.arg(fixtures().join("upstream.py"))
-            .arg(ip)
-            .arg(port.to_string())
-            .arg(&log);
+        cmd.arg(fixtures().join("upstream.py")).arg(ip).arg(port.to_string()).arg(&log);
         if let Some((cert, key)) = tls {
             cmd.arg("--tls").arg(cert).arg(key);
         }
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn upstream.py");
+        let mut child = cmd.stdout(Stdio::piped()).spawn().expect("spawn upstream.py");
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .expect("upstream ready line");
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).expect("upstream ready line");
         let port: u16 = line
             .strip_prefix("ready ")
             .and_then(|p| p.trim().parse().ok())

@@ -8,22 +8,11 @@ use wl_e2e::{bin, run_refused, DaemonConfig, DaemonHome, TestCgroup};
 /// Runs the daemon on `home`'s config (through `wrap` when given) and checks the refusal.
 fn assert_refused(cmd: &mut Command, needles: &[&str]) -> String {
     let (status, stderr) = run_refused(cmd);
-    assert_eq!(
-        status.code(),
-        Some(1),
-        "expected exit 1, got {status}; stderr:\n{stderr}"
-    );
-    let error_lines: Vec<_> = stderr
-        .lines()
-        .filter(|l| l.starts_with("wl-daemon: error:"))
-        .collect();
+    assert_eq!(status.code(), Some(1), "expected exit 1, got {status}; stderr:\n{stderr}");
+    let error_lines: Vec<_> = stderr.lines().filter(|l| l.starts_with("wl-daemon: error:")).collect();
     assert_eq!(error_lines.len(), 1, "expected one error line:\n{stderr}");
     for needle in needles {
-        assert!(
-            error_lines[0].contains(needle),
-            "{needle:?} missing from {:?}",
-            error_lines[0]
-        );
+        assert!(error_lines[0].contains(needle), "{needle:?} missing from {:?}", error_lines[0]);
     }
     error_lines[0].to_string()
 }
@@ -35,26 +24,15 @@ fn daemon_cmd(config: &std::path::Path) -> Command {
 }
 
 fn assert_nothing_left(cg: &TestCgroup, home: &DaemonHome) {
-    assert!(
-        cg.attached_programs().is_empty(),
-        "left attached: {:?}",
-        cg.attached_programs()
-    );
-    assert!(
-        !home.pin_dir.exists(),
-        "left pinned: {}",
-        home.pin_dir.display()
-    );
+    assert!(cg.attached_programs().is_empty(), "left attached: {:?}", cg.attached_programs());
+    assert!(!home.pin_dir.exists(), "left pinned: {}", home.pin_dir.display());
 }
 
 #[test]
 fn unreadable_config() {
     let home = DaemonHome::new();
     let missing = home.dir.path().join("nope.toml");
-    assert_refused(
-        &mut daemon_cmd(&missing),
-        &["cannot read config", "nope.toml", "No such file"],
-    );
+    assert_refused(&mut daemon_cmd(&missing), &["cannot read config", "nope.toml", "No such file"]);
 }
 
 #[test]
@@ -69,10 +47,7 @@ fn invalid_config_names_key_and_line() {
     .unwrap();
     assert_refused(&mut daemon_cmd(&path), &["bad.toml", "line 5", "listen_on"]);
     std::fs::write(&path, "mode = \"enforce\"\n[intercept]\nports = [443,\n").unwrap();
-    assert_refused(
-        &mut daemon_cmd(&path),
-        &["bad.toml", "at line 4", "expected `]`"],
-    );
+    assert_refused(&mut daemon_cmd(&path), &["bad.toml", "at line 4", "expected `]`"]);
     std::fs::write(&path, "[intercept]\nlisten = [\"192.0.2.1:15001\"]\n").unwrap();
     assert_refused(&mut daemon_cmd(&path), &["not a loopback address"]);
     assert_nothing_left(&cg, &home);
@@ -88,10 +63,7 @@ fn cgroup_that_does_not_exist() {
     let config = home.write_config(&cfg);
     assert_refused(
         &mut daemon_cmd(&config),
-        &[
-            "cgroup `/wl-e2e-no-such-cgroup` does not exist",
-            "intercept.cgroups",
-        ],
+        &["cgroup `/wl-e2e-no-such-cgroup` does not exist", "intercept.cgroups"],
     );
     assert_nothing_left(&cg, &home);
 }
@@ -121,21 +93,12 @@ fn missing_privileges() {
     let home = DaemonHome::new();
     let config = home.write_config(&DaemonConfig::new(&cg, &[443]));
     let mut cmd = Command::new("setpriv");
-    cmd.args([
-        "--reuid=65534",
-        "--regid=65534",
-        "--clear-groups",
-        "--inh-caps=-all",
-        "--bounding-set=-all",
-    ])
-    .arg(bin("wl-daemon"))
-    .arg("run")
-    .arg("--config")
-    .arg(&config);
-    assert_refused(
-        &mut cmd,
-        &["CAP_BPF", "CAP_NET_ADMIN", "run wl-daemon as root"],
-    );
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"])
+        .arg(bin("wl-daemon"))
+        .arg("run")
+        .arg("--config")
+        .arg(&config);
+    assert_refused(&mut cmd, &["CAP_BPF", "CAP_NET_ADMIN", "run wl-daemon as root"]);
     assert_nothing_left(&cg, &home);
 }
 
@@ -151,11 +114,7 @@ fn listener_port_in_use() {
     let config = home.write_config(&cfg);
     assert_refused(
         &mut daemon_cmd(&config),
-        &[
-            &format!("cannot listen on {addr}"),
-            "in use",
-            "intercept.listen",
-        ],
+        &[&format!("cannot listen on {addr}"), "in use", "intercept.listen"],
     );
     assert_nothing_left(&cg, &home);
 }
@@ -167,25 +126,15 @@ fn a_second_daemon_on_the_same_state_dir_is_refused() {
     let cfg = DaemonConfig::new(&cg, &[443]);
     let first = wl_e2e::Daemon::start(&home, &cfg);
     let config = home.write_config(&cfg);
-    assert_refused(
-        &mut daemon_cmd(&config),
-        &["another wl-daemon is already running"],
-    );
-    assert_eq!(
-        cg.attached_programs().len(),
-        7,
-        "the first daemon's programs only"
-    );
+    assert_refused(&mut daemon_cmd(&config), &["another wl-daemon is already running"]);
+    assert_eq!(cg.attached_programs().len(), 7, "the first daemon's programs only");
     assert!(first.stop().success());
     assert_nothing_left(&cg, &home);
 }
 
 #[test]
 fn print_config_shows_the_effective_configuration() {
-    let out = Command::new(bin("wl-daemon"))
-        .args(["run", "--print-config"])
-        .output()
-        .unwrap();
+    let out = Command::new(bin("wl-daemon")).args(["run", "--print-config"]).output().unwrap();
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
     for needle in [

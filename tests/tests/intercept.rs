@@ -26,32 +26,17 @@ fn agents_in_the_cgroup_are_redirected_spliced_and_audited() {
     let daemon = Daemon::start(&home, &cfg);
 
     // python3, raw TCP: banner and echo arrive unchanged, getpeername() shows the original.
-    let out = python_json(
-        Some(&cg),
-        "tcp_client.py",
-        &["127.0.0.2", &tcp.addr.port().to_string()],
-    );
+    let out = python_json(Some(&cg), "tcp_client.py", &["127.0.0.2", &tcp.addr.port().to_string()]);
     assert_eq!(out["banner"], "hello from upstream\n", "{out}");
     assert_eq!(out["echo_ok"], true, "{out}");
-    assert_eq!(
-        out["peer"],
-        serde_json::json!(["127.0.0.2", tcp.addr.port()]),
-        "getpeername: {out}"
-    );
+    assert_eq!(out["peer"], serde_json::json!(["127.0.0.2", tcp.addr.port()]), "getpeername: {out}");
     let pid = out["pid"].as_u64().unwrap();
 
     // The upstream saw the daemon, not the agent.
     let seen = tcp.accepted();
     assert_eq!(seen.len(), 1, "{seen:?}");
-    assert_eq!(
-        seen[0]["owner"].as_u64(),
-        Some(u64::from(daemon.pid())),
-        "upstream peer: {seen:?}"
-    );
-    assert_ne!(
-        seen[0]["peer"], out["local"],
-        "the agent's own socket reached the upstream"
-    );
+    assert_eq!(seen[0]["owner"].as_u64(), Some(u64::from(daemon.pid())), "upstream peer: {seen:?}");
+    assert_ne!(seen[0]["peer"], out["local"], "the agent's own socket reached the upstream");
 
     // One audit record with the original destination and the agent's identity.
     let dst = tcp.addr.to_string();
@@ -62,54 +47,23 @@ fn agents_in_the_cgroup_are_redirected_spliced_and_audited() {
     assert_eq!(rec["agent"]["user"], "root", "{rec}");
     assert_eq!(rec["agent"]["exe"], out["exe"], "{rec}");
     assert_eq!(rec["agent"]["cgroup"], cg.name.as_str(), "{rec}");
-    assert!(
-        rec["agent"]["comm"].as_str().unwrap().starts_with("python"),
-        "{rec}"
-    );
-    assert!(
-        rec["bytes_up"].as_u64().unwrap() >= 64 && rec["bytes_down"].as_u64().unwrap() >= 84,
-        "{rec}"
-    );
+    assert!(rec["agent"]["comm"].as_str().unwrap().starts_with("python"), "{rec}");
+    assert!(rec["bytes_up"].as_u64().unwrap() >= 64 && rec["bytes_down"].as_u64().unwrap() >= 84, "{rec}");
 
     // curl over TLS, IPv4 and IPv6: the upstream's own certificate and bytes reach it.
-    let direct = curl(
-        None,
-        &[
-            "--cacert",
-            cert.to_str().unwrap(),
-            &format!("https://{}/", tls4.addr),
-        ],
-    );
-    assert!(
-        direct.status.success(),
-        "direct curl: {}",
-        String::from_utf8_lossy(&direct.stderr)
-    );
+    let direct = curl(None, &["--cacert", cert.to_str().unwrap(), &format!("https://{}/", tls4.addr)]);
+    assert!(direct.status.success(), "direct curl: {}", String::from_utf8_lossy(&direct.stderr));
     for upstream in [&tls4, &tls6] {
         let url = format!("https://{}/", upstream.addr);
         let got = curl(Some(&cg), &["--cacert", cert.to_str().unwrap(), &url]);
-        assert!(
-            got.status.success(),
-            "curl {url}: {}",
-            String::from_utf8_lossy(&got.stderr)
-        );
-        assert_eq!(
-            got.stdout, direct.stdout,
-            "body through wl differs from direct"
-        );
+        assert!(got.status.success(), "curl {url}: {}", String::from_utf8_lossy(&got.stderr));
+        assert_eq!(got.stdout, direct.stdout, "body through wl differs from direct");
         let dst = upstream.addr.to_string();
         let rec = home.wait_audit(&format!("for curl to {dst}"), |r| dst_is(r, &dst));
         assert_eq!(rec["agent"]["exe"], "/usr/bin/curl", "{rec}");
         assert_eq!(rec["agent"]["comm"], "curl", "{rec}");
-        let owners: Vec<_> = upstream
-            .accepted()
-            .iter()
-            .map(|a| a["owner"].as_u64())
-            .collect();
-        assert!(
-            owners.contains(&Some(u64::from(daemon.pid()))),
-            "{url} accepted {owners:?}"
-        );
+        let owners: Vec<_> = upstream.accepted().iter().map(|a| a["owner"].as_u64()).collect();
+        assert!(owners.contains(&Some(u64::from(daemon.pid()))), "{url} accepted {owners:?}");
     }
 
     // Kernel-side events reach the daemon's log through aya-log.
@@ -117,23 +71,12 @@ fn agents_in_the_cgroup_are_redirected_spliced_and_audited() {
 
     // A client outside the cgroup is not intercepted.
     let before = home.audit_records().len();
-    let out = python_json(
-        None,
-        "tcp_client.py",
-        &["127.0.0.2", &tcp.addr.port().to_string()],
-    );
+    let out = python_json(None, "tcp_client.py", &["127.0.0.2", &tcp.addr.port().to_string()]);
     assert_eq!(out["echo_ok"], true);
     let last = tcp.accepted().pop().unwrap();
-    assert_eq!(
-        last["peer"], out["local"],
-        "outside client should reach the upstream itself"
-    );
+    assert_eq!(last["peer"], out["local"], "outside client should reach the upstream itself");
     std::thread::sleep(std::time::Duration::from_millis(300));
-    assert_eq!(
-        home.audit_records().len(),
-        before,
-        "outside client was audited"
-    );
+    assert_eq!(home.audit_records().len(), before, "outside client was audited");
 
     assert!(daemon.stop().success());
 }
@@ -145,17 +88,9 @@ fn non_intercepted_ports_are_untouched() {
     let tcp = Upstream::tcp(home.dir.path(), "127.0.0.2", 0);
     let other = wl_e2e::free_port("127.0.0.2");
     let _daemon = Daemon::start(&home, &DaemonConfig::new(&cg, &[other]));
-    let out = python_json(
-        Some(&cg),
-        "tcp_client.py",
-        &["127.0.0.2", &tcp.addr.port().to_string()],
-    );
+    let out = python_json(Some(&cg), "tcp_client.py", &["127.0.0.2", &tcp.addr.port().to_string()]);
     assert_eq!(out["echo_ok"], true);
-    assert_eq!(
-        tcp.accepted()[0]["peer"],
-        out["local"],
-        "a port not in intercept.ports was redirected"
-    );
+    assert_eq!(tcp.accepted()[0]["peer"], out["local"], "a port not in intercept.ports was redirected");
 }
 
 #[test]
@@ -166,16 +101,8 @@ fn excluded_destinations_are_not_redirected() {
     let mut cfg = DaemonConfig::new(&cg, &[tcp.addr.port()]);
     cfg.exclude = vec!["127.0.0.4/32".into()];
     let _daemon = Daemon::start(&home, &cfg);
-    let out = python_json(
-        Some(&cg),
-        "tcp_client.py",
-        &["127.0.0.4", &tcp.addr.port().to_string()],
-    );
-    assert_eq!(
-        tcp.accepted()[0]["peer"],
-        out["local"],
-        "an excluded CIDR was redirected"
-    );
+    let out = python_json(Some(&cg), "tcp_client.py", &["127.0.0.4", &tcp.addr.port().to_string()]);
+    assert_eq!(tcp.accepted()[0]["peer"], out["local"], "an excluded CIDR was redirected");
 }
 
 #[test]
@@ -183,21 +110,13 @@ fn quic_to_443_is_refused_only_when_block_quic_is_on() {
     let cg = TestCgroup::new("quic");
     let home = DaemonHome::new();
     let receiver = std::net::UdpSocket::bind("127.0.0.3:443").expect("bind udp 127.0.0.3:443");
-    receiver
-        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
-        .unwrap();
+    receiver.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
 
     let mut cfg = DaemonConfig::new(&cg, &[443]);
     let daemon = Daemon::start(&home, &cfg);
     let out = python_json(Some(&cg), "udp_send.py", &["127.0.0.3", "443"]);
-    assert_eq!(
-        out["sendto"], "errno 1",
-        "unconnected send with block_quic: {out}"
-    );
-    assert_eq!(
-        out["connect"], "errno 1",
-        "connected send with block_quic: {out}"
-    );
+    assert_eq!(out["sendto"], "errno 1", "unconnected send with block_quic: {out}");
+    assert_eq!(out["connect"], "errno 1", "connected send with block_quic: {out}");
     // Other UDP ports are untouched.
     let out = python_json(Some(&cg), "udp_send.py", &["127.0.0.3", "444"]);
     assert_eq!(out["sendto"], "sent", "{out}");
@@ -207,14 +126,9 @@ fn quic_to_443_is_refused_only_when_block_quic_is_on() {
     cfg.block_quic = false;
     let _daemon = Daemon::start(&home, &cfg);
     let out = python_json(Some(&cg), "udp_send.py", &["127.0.0.3", "443"]);
-    assert_eq!(
-        out,
-        serde_json::json!({"sendto": "sent", "connect": "sent"})
-    );
+    assert_eq!(out, serde_json::json!({"sendto": "sent", "connect": "sent"}));
     let mut buf = [0u8; 16];
-    let (n, _) = receiver
-        .recv_from(&mut buf)
-        .expect("datagram with block_quic = false");
+    let (n, _) = receiver.recv_from(&mut buf).expect("datagram with block_quic = false");
     assert_eq!(&buf[..n], b"quic?");
 }
 
@@ -223,22 +137,11 @@ fn the_daemon_inside_an_intercepted_cgroup_does_not_redirect_itself() {
     let cg = TestCgroup::new("self");
     let home = DaemonHome::new();
     let tcp = Upstream::tcp(home.dir.path(), "127.0.0.2", 0);
-    let daemon = Daemon::start_in(
-        &home,
-        &DaemonConfig::new(&cg, &[tcp.addr.port()]),
-        Some(&cg),
-    );
+    let daemon = Daemon::start_in(&home, &DaemonConfig::new(&cg, &[tcp.addr.port()]), Some(&cg));
     let own = std::fs::read_to_string(format!("/proc/{}/cgroup", daemon.pid())).unwrap();
-    assert!(
-        own.contains(&cg.name),
-        "daemon is not in the test cgroup: {own}"
-    );
+    assert!(own.contains(&cg.name), "daemon is not in the test cgroup: {own}");
 
-    let out = python_json(
-        Some(&cg),
-        "tcp_client.py",
-        &["127.0.0.2", &tcp.addr.port().to_string()],
-    );
+    let out = python_json(Some(&cg), "tcp_client.py", &["127.0.0.2", &tcp.addr.port().to_string()]);
     assert_eq!(out["echo_ok"], true, "{out}");
     let seen = tcp.accepted();
     assert_eq!(seen.len(), 1, "{seen:?}");
@@ -246,11 +149,7 @@ fn the_daemon_inside_an_intercepted_cgroup_does_not_redirect_itself() {
     // Exactly one record: the daemon's own upstream connect did not loop back into itself.
     std::thread::sleep(std::time::Duration::from_millis(300));
     let dst = tcp.addr.to_string();
-    let records: Vec<_> = home
-        .audit_records()
-        .into_iter()
-        .filter(|r| r["kind"] == "connection")
-        .collect();
+    let records: Vec<_> = home.audit_records().into_iter().filter(|r| r["kind"] == "connection").collect();
     assert_eq!(records.len(), 1, "{records:#?}");
     assert_eq!(records[0]["dst"], dst.as_str());
     assert_eq!(records[0]["agent"]["pid"], out["pid"]);
@@ -262,29 +161,12 @@ fn fail_open_detaches_on_sigterm() {
     let home = DaemonHome::new();
     let tcp = Upstream::tcp(home.dir.path(), "127.0.0.2", 0);
     let daemon = Daemon::start(&home, &DaemonConfig::new(&cg, &[tcp.addr.port()]));
-    assert_eq!(
-        cg.attached_programs().len(),
-        7,
-        "{:?}",
-        cg.attached_programs()
-    );
+    assert_eq!(cg.attached_programs().len(), 7, "{:?}", cg.attached_programs());
     assert!(daemon.stop().success(), "SIGTERM should exit 0");
-    assert!(
-        cg.attached_programs().is_empty(),
-        "left attached: {:?}",
-        cg.attached_programs()
-    );
-    let out = python_json(
-        Some(&cg),
-        "tcp_client.py",
-        &["127.0.0.2", &tcp.addr.port().to_string()],
-    );
+    assert!(cg.attached_programs().is_empty(), "left attached: {:?}", cg.attached_programs());
+    let out = python_json(Some(&cg), "tcp_client.py", &["127.0.0.2", &tcp.addr.port().to_string()]);
     assert_eq!(out["echo_ok"], true);
-    assert_eq!(
-        tcp.accepted()[0]["peer"],
-        out["local"],
-        "should connect directly after exit"
-    );
+    assert_eq!(tcp.accepted()[0]["peer"], out["local"], "should connect directly after exit");
 }
 
 #[test]
@@ -302,28 +184,15 @@ fn fail_closed_refuses_while_down_and_is_taken_over_on_restart() {
     let port = tcp.addr.port().to_string();
 
     let daemon = Daemon::start(&home, &cfg);
-    assert_eq!(
-        python_json(Some(&cg), "tcp_client.py", &["127.0.0.2", &port])["echo_ok"],
-        true
-    );
+    assert_eq!(python_json(Some(&cg), "tcp_client.py", &["127.0.0.2", &port])["echo_ok"], true);
     assert!(daemon.stop().success());
-    assert_eq!(
-        cg.attached_programs().len(),
-        7,
-        "links should stay pinned: {:?}",
-        cg.attached_programs()
-    );
+    assert_eq!(cg.attached_programs().len(), 7, "links should stay pinned: {:?}", cg.attached_programs());
 
     // Down: the agent's connect is refused, and nothing reaches the upstream.
     let mut client = cg.command("python3");
-    client
-        .arg(wl_e2e::servers::fixtures().join("tcp_client.py"))
-        .args(["127.0.0.2", &port]);
+    client.arg(wl_e2e::servers::fixtures().join("tcp_client.py")).args(["127.0.0.2", &port]);
     let out = client.output().unwrap();
-    assert!(
-        !out.status.success(),
-        "connect should fail while the daemon is down"
-    );
+    assert!(!out.status.success(), "connect should fail while the daemon is down");
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("ConnectionRefused"),
         "{}",
@@ -333,33 +202,18 @@ fn fail_closed_refuses_while_down_and_is_taken_over_on_restart() {
 
     // Back: the pinned programs are taken over, not attached twice, and intercept again.
     let daemon = Daemon::start(&home, &cfg);
-    assert_eq!(
-        cg.attached_programs().len(),
-        7,
-        "attached twice: {:?}",
-        cg.attached_programs()
-    );
+    assert_eq!(cg.attached_programs().len(), 7, "attached twice: {:?}", cg.attached_programs());
     let out = python_json(Some(&cg), "tcp_client.py", &["127.0.0.2", &port]);
     assert_eq!(out["echo_ok"], true);
     let pid = out["pid"].clone();
     home.wait_audit("after takeover", |r| r["agent"]["pid"] == pid);
-    assert_eq!(
-        tcp.accepted().last().unwrap()["owner"].as_u64(),
-        Some(u64::from(daemon.pid()))
-    );
+    assert_eq!(tcp.accepted().last().unwrap()["owner"].as_u64(), Some(u64::from(daemon.pid())));
     assert!(daemon.stop().success());
 
     // Switching the same cgroup to fail = "open" removes the pins and detaches on exit.
     cfg.fail = "open";
     let daemon = Daemon::start(&home, &cfg);
-    assert!(
-        !home.pin_dir.exists(),
-        "pins left after switching to fail = open"
-    );
+    assert!(!home.pin_dir.exists(), "pins left after switching to fail = open");
     assert!(daemon.stop().success());
-    assert!(
-        cg.attached_programs().is_empty(),
-        "{:?}",
-        cg.attached_programs()
-    );
+    assert!(cg.attached_programs().is_empty(), "{:?}", cg.attached_programs());
 }

@@ -50,9 +50,12 @@ pub struct ConnectionRecord {
     pub peer: String,
     /// Where the agent was connecting to.
     pub dst: Option<String>,
+    /// The server name (TLS SNI, or the API host of an explicit listener), when known.
+    pub host: Option<String>,
     /// Who was connecting.
     pub agent: Option<AgentIdentity>,
-    /// What wl did: `splice` (bytes relayed unchanged) or `refused`.
+    /// What wl did: `splice` (bytes relayed unchanged), `terminate` (TLS terminated, HTTP
+    /// served), `http` (plain HTTP served) or `refused`.
     pub action: &'static str,
     /// Bytes from the agent to the upstream.
     pub bytes_up: u64,
@@ -60,7 +63,61 @@ pub struct ConnectionRecord {
     pub bytes_down: u64,
     /// Milliseconds from accept to close.
     pub duration_ms: u64,
+    /// HTTP requests served on it (terminated and plain HTTP connections).
+    pub requests: u64,
     /// Why the connection failed, if it did.
+    pub error: Option<String>,
+}
+
+impl ConnectionRecord {
+    /// A record for a just-accepted connection; the handler fills in the rest.
+    pub fn new(conn_id: u64, listener: String, peer: std::net::SocketAddr) -> Self {
+        Self {
+            conn_id,
+            listener,
+            peer: peer.to_string(),
+            dst: None,
+            host: None,
+            agent: None,
+            action: "refused",
+            bytes_up: 0,
+            bytes_down: 0,
+            duration_ms: 0,
+            requests: 0,
+            error: None,
+        }
+    }
+}
+
+/// One HTTP request on a terminated (or plain HTTP) connection, written when its response
+/// ends.
+#[derive(Debug, Serialize)]
+pub struct RequestRecord {
+    /// The connection it came on.
+    pub conn_id: u64,
+    /// `wl-<conn>-<n>`, also sent to the agent as `x-wl-request-id` on errors.
+    pub request_id: String,
+    /// Who sent it.
+    pub agent: Option<AgentIdentity>,
+    /// HTTP method.
+    pub method: String,
+    /// The host it went to.
+    pub host: String,
+    /// Path without the query (queries may carry secrets).
+    pub path: String,
+    /// Response status (wl's own for errors it answers).
+    pub status: u16,
+    /// Request body bytes forwarded.
+    pub bytes_up: u64,
+    /// Response body bytes returned.
+    pub bytes_down: u64,
+    /// Milliseconds from request head to the end of the response.
+    pub duration_ms: u64,
+    /// HTTP version on the agent's side.
+    pub proto_agent: String,
+    /// HTTP version on the upstream side, when it was reached.
+    pub proto_upstream: Option<String>,
+    /// What went wrong, if anything.
     pub error: Option<String>,
 }
 
@@ -70,6 +127,8 @@ pub struct ConnectionRecord {
 pub enum AuditRecord {
     /// See [`ConnectionRecord`].
     Connection(Box<ConnectionRecord>),
+    /// See [`RequestRecord`].
+    Request(Box<RequestRecord>),
     /// Records that could not be queued since the last such record.
     Dropped {
         /// How many.
@@ -100,10 +159,7 @@ pub struct AuditWriter {
 impl AuditLog {
     /// Opens (creating) the file and starts the writer task.
     pub async fn open(path: &Path) -> Result<(AuditLog, AuditWriter), AuditError> {
-        let err = |source| AuditError::Open {
-            path: path.to_owned(),
-            source,
-        };
+        let err = |source| AuditError::Open { path: path.to_owned(), source };
         if let Some(dir) = path.parent() {
             tokio::fs::create_dir_all(dir).await.map_err(err)?;
         }
@@ -117,13 +173,7 @@ impl AuditLog {
         let (tx, rx) = mpsc::channel(QUEUE);
         let dropped = Arc::new(AtomicU64::new(0));
         let (done_tx, done) = oneshot::channel();
-        tokio::spawn(write_loop(
-            file,
-            rx,
-            dropped.clone(),
-            path.to_owned(),
-            done_tx,
-        ));
+        tokio::spawn(write_loop(file, rx, dropped.clone(), path.to_owned(), done_tx));
         Ok((AuditLog { tx, dropped }, AuditWriter { done }))
     }
 
@@ -160,10 +210,7 @@ async fn write_loop(
         }
         let mut buf = Vec::with_capacity(batch.len() * 512);
         for record in batch.drain(..) {
-            let line = Line {
-                time: now_rfc3339(),
-                record: &record,
-            };
+            let line = Line { time: now_rfc3339(), record: &record };
             serde_json::to_writer(&mut buf, &line).expect("audit records always serialize");
             buf.push(b'\n');
         }

@@ -8,6 +8,7 @@
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use ipnet::IpNet;
@@ -55,6 +56,113 @@ pub struct Config {
     /// The audit trail.
     #[serde(default)]
     pub audit: AuditConfig,
+    /// TLS interception.
+    #[serde(default)]
+    pub tls: TlsConfig,
+    /// Reverse-proxy listeners, one per API (`OPENAI_BASE_URL=https://HOST:9443/v1`).
+    #[serde(default)]
+    pub reverse: Vec<ReverseConfig>,
+    /// The HTTP CONNECT listener for `HTTPS_PROXY`.
+    #[serde(default)]
+    pub connect: Option<ConnectConfig>,
+}
+
+/// `[tls]`: which hosts are terminated and how.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Server names whose TLS is terminated: exact names or `*.suffix` (subdomains only).
+    /// Every other name is spliced untouched.
+    #[serde(default = "default_governed")]
+    pub governed_hosts: Vec<String>,
+    /// Validity of minted leaf certificates.
+    #[serde(default = "default_leaf_validity", with = "humantime_serde")]
+    pub leaf_validity: Duration,
+    /// Extra PEM roots trusted for upstreams (private APIs, tests), besides public roots.
+    #[serde(default)]
+    pub upstream_extra_roots: Vec<PathBuf>,
+    /// How long a client may take to send its ClientHello or finish the handshake.
+    #[serde(default = "default_handshake_timeout", with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// Limit a newly created beacon CA to the governed hosts (X.509 name constraints).
+    #[serde(default)]
+    pub ca_name_constraints: bool,
+}
+
+/// `[[reverse]]`: a TLS listener that forwards everything to one API.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReverseConfig {
+    /// Where agents connect (`127.0.0.1:9443`).
+    pub listen: SocketAddr,
+    /// The API host requests go to, and the name its certificate must carry.
+    pub host: String,
+    /// Names the listener's own certificate is issued for (what agents put in the URL).
+    #[serde(default = "default_server_names")]
+    pub server_names: Vec<String>,
+    /// Address to connect to (`host:port`); default `HOST:443`, resolved by DNS.
+    #[serde(default)]
+    pub upstream: Option<String>,
+}
+
+/// `[connect]`: the explicit-proxy listener.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectConfig {
+    /// Where agents connect (`HTTPS_PROXY=http://127.0.0.1:3128`).
+    pub listen: SocketAddr,
+}
+
+fn default_governed() -> Vec<String> {
+    [
+        "api.openai.com",
+        "api.anthropic.com",
+        "generativelanguage.googleapis.com",
+        "api.mistral.ai",
+        "api.groq.com",
+        "api.cohere.com",
+        "api.together.xyz",
+        "openrouter.ai",
+        "*.openai.azure.com",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect()
+}
+fn default_leaf_validity() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
+fn default_handshake_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_server_names() -> Vec<String> {
+    vec!["localhost".into()]
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            governed_hosts: default_governed(),
+            leaf_validity: default_leaf_validity(),
+            upstream_extra_roots: Vec::new(),
+            handshake_timeout: default_handshake_timeout(),
+            ca_name_constraints: false,
+        }
+    }
+}
+
+impl TlsConfig {
+    /// Is TLS to this server name terminated? (`name` lower-case, no trailing dot.)
+    pub fn is_governed(&self, name: &str) -> bool {
+        self.governed_hosts.iter().any(|pattern| match pattern.strip_prefix("*.") {
+            Some(suffix) => {
+                name.len() > suffix.len() + 1
+                    && name.ends_with(suffix)
+                    && name.as_bytes()[name.len() - suffix.len() - 1] == b'.'
+            }
+            None => pattern == name,
+        })
+    }
 }
 
 /// `[intercept]`: the eBPF side.
@@ -84,6 +192,10 @@ pub struct InterceptConfig {
     /// cgroup2 paths whose processes are never redirected.
     #[serde(default)]
     pub exempt_cgroups: Vec<String>,
+    /// How long to wait for an agent's first bytes before treating the connection as one
+    /// where the server speaks first, and splicing it.
+    #[serde(default = "default_server_first_after", with = "humantime_serde")]
+    pub server_first_after: Duration,
     /// bpffs directory where programs and maps are pinned with `fail = "closed"`.
     #[serde(default = "default_pin_dir")]
     pub pin_dir: PathBuf,
@@ -108,13 +220,13 @@ fn default_ports() -> Vec<u16> {
     vec![80, 443]
 }
 fn default_listen() -> Vec<SocketAddr> {
-    vec![
-        SocketAddr::from(([127, 0, 0, 1], 15001)),
-        SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 15001)),
-    ]
+    vec![SocketAddr::from(([127, 0, 0, 1], 15001)), SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 15001))]
 }
 fn default_true() -> bool {
     true
+}
+fn default_server_first_after() -> Duration {
+    Duration::from_millis(300)
 }
 fn default_pin_dir() -> PathBuf {
     PathBuf::from("/sys/fs/bpf/wl")
@@ -133,6 +245,7 @@ impl Default for InterceptConfig {
             block_quic: true,
             fail: FailMode::Open,
             exempt_cgroups: Vec::new(),
+            server_first_after: default_server_first_after(),
             pin_dir: default_pin_dir(),
         }
     }
@@ -140,9 +253,7 @@ impl Default for InterceptConfig {
 
 impl Default for AuditConfig {
     fn default() -> Self {
-        Self {
-            path: default_audit_path(),
-        }
+        Self { path: default_audit_path() }
     }
 }
 
@@ -186,10 +297,8 @@ impl Config {
 
     /// Reads and validates a configuration file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         Self::parse(&text, &path.display().to_string())
     }
 
@@ -209,10 +318,7 @@ impl Config {
                 message: e.message().trim().replace('\n', " "),
             }
         })?;
-        config.validate().map_err(|message| ConfigError::Invalid {
-            origin: origin.to_owned(),
-            message,
-        })?;
+        config.validate().map_err(|message| ConfigError::Invalid { origin: origin.to_owned(), message })?;
         Ok(config)
     }
 
@@ -225,8 +331,7 @@ impl Config {
         let ic = &self.intercept;
         if ic.cgroups.is_empty() {
             return Err(
-                "intercept.cgroups is empty: name at least one cgroup (\"/\" is the whole host)"
-                    .into(),
+                "intercept.cgroups is empty: name at least one cgroup (\"/\" is the whole host)".into()
             );
         }
         for cg in ic.cgroups.iter().chain(&ic.exempt_cgroups) {
@@ -237,15 +342,16 @@ impl Config {
             }
         }
         if ic.ports.is_empty() {
-            return Err("intercept.ports is empty: list the destination ports to intercept, such as [80, 443]".into());
+            return Err(
+                "intercept.ports is empty: list the destination ports to intercept, such as [80, 443]".into(),
+            );
         }
         if ic.ports.contains(&0) {
             return Err("intercept.ports contains 0, which is not a destination port".into());
         }
         if ic.listen.is_empty() {
             return Err(
-                "intercept.listen is empty: give a loopback address such as \"127.0.0.1:15001\""
-                    .into(),
+                "intercept.listen is empty: give a loopback address such as \"127.0.0.1:15001\"".into()
             );
         }
         for (i, addr) in ic.listen.iter().enumerate() {
@@ -254,21 +360,35 @@ impl Config {
                     "intercept.listen `{addr}` is not a loopback address: redirected connections must stay on this host"
                 ));
             }
-            if ic.listen[..i]
-                .iter()
-                .any(|other| other.is_ipv4() == addr.is_ipv4())
-            {
+            if ic.listen[..i].iter().any(|other| other.is_ipv4() == addr.is_ipv4()) {
                 return Err(format!(
                     "intercept.listen has two {} listeners: give at most one per family",
                     if addr.is_ipv4() { "IPv4" } else { "IPv6" }
                 ));
             }
         }
+        for host in &self.tls.governed_hosts {
+            let bare = host.strip_prefix("*.").unwrap_or(host);
+            if bare.is_empty()
+                || bare.contains('*')
+                || bare != bare.to_ascii_lowercase()
+                || bare.ends_with('.')
+            {
+                return Err(format!(
+                    "tls.governed_hosts entry `{host}` must be a lower-case host name or `*.suffix`"
+                ));
+            }
+        }
+        if self.tls.leaf_validity < Duration::from_secs(300) {
+            return Err("tls.leaf_validity must be at least 5m".into());
+        }
+        for r in &self.reverse {
+            if r.server_names.is_empty() {
+                return Err(format!("reverse listener {}: server_names is empty", r.listen));
+            }
+        }
         if !ic.pin_dir.is_absolute() {
-            return Err(format!(
-                "intercept.pin_dir `{}` must be an absolute path",
-                ic.pin_dir.display()
-            ));
+            return Err(format!("intercept.pin_dir `{}` must be an absolute path", ic.pin_dir.display()));
         }
         Ok(())
     }
@@ -309,8 +429,7 @@ mod tests {
 
     #[test]
     fn unknown_key_names_key_and_line() {
-        let err = Config::parse("mode = \"observe\"\n[intercept]\nportz = [443]\n", "t.toml")
-            .unwrap_err();
+        let err = Config::parse("mode = \"observe\"\n[intercept]\nportz = [443]\n", "t.toml").unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("portz"), "{msg}");
         assert!(msg.contains("line 3"), "{msg}");
@@ -321,14 +440,8 @@ mod tests {
     fn bad_values_are_refused_with_reasons() {
         for (toml, needle) in [
             ("mode = \"deny\"", "deny"),
-            (
-                "[intercept]\nlisten = [\"10.0.0.1:15001\"]",
-                "not a loopback",
-            ),
-            (
-                "[intercept]\nlisten = [\"127.0.0.1:1\", \"127.0.0.2:2\"]",
-                "two IPv4",
-            ),
+            ("[intercept]\nlisten = [\"10.0.0.1:15001\"]", "not a loopback"),
+            ("[intercept]\nlisten = [\"127.0.0.1:1\", \"127.0.0.2:2\"]", "two IPv4"),
             ("[intercept]\nports = []", "ports is empty"),
             ("[intercept]\ncgroups = [\"agents\"]", "absolute path"),
             ("[intercept]\nexclude = [\"10.0.0.0/33\"]", "line 2"),

@@ -17,8 +17,12 @@ use crate::{
     audit::AuditLog,
     config::{Config, FailMode},
     intercept::{self, cgroup, identity::IdentityResolver, Interceptor},
-    proxy,
+    proxy::{self, explicit, upstream::Upstreams},
+    tls::{self, ca::BeaconCa, leaf::LeafCache},
 };
+
+/// Server names whose leaves are kept; the least recently added go first beyond this.
+const LEAF_CACHE_CAPACITY: usize = 10_000;
 
 /// How long open connections get to finish after SIGTERM before they are cut.
 const DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
@@ -32,25 +36,68 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     let _lock = lock_state_dir(&config.state_dir)?;
     let listeners = proxy::bind(&config.intercept.listen).await?;
-    let bound: Vec<_> = listeners
-        .iter()
-        .filter_map(|l| l.local_addr().ok())
-        .collect();
+    let bound: Vec<_> = listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
+    let reverse_addrs: Vec<_> = config.reverse.iter().map(|r| r.listen).collect();
+    let reverse_listeners = proxy::bind(&reverse_addrs).await?;
+    let connect_listener = match &config.connect {
+        Some(c) => proxy::bind(&[c.listen]).await?.pop(),
+        None => None,
+    };
+
+    // TLS: the beacon CA (created on first run), leaves, both sides' configurations.
+    let constraints =
+        if config.tls.ca_name_constraints { config.tls.governed_hosts.clone() } else { Vec::new() };
+    let ca = BeaconCa::load_or_create(&config.state_dir, &constraints)?;
+    tracing::info!(
+        fingerprint = %ca.fingerprint(),
+        cert = %tls::ca::cert_path(&config.state_dir).display(),
+        "beacon CA"
+    );
+    let upstream_tls = tls::upstream_config(&config.tls.upstream_extra_roots, ca.cert_der())?;
+    let leaves = Arc::new(LeafCache::new(ca, config.tls.leaf_validity, LEAF_CACHE_CAPACITY));
+    let server_tls = tls::server_config(leaves.clone())?;
+    let upstreams = Upstreams::new(upstream_tls);
+
     let (audit, audit_writer) = AuditLog::open(&config.audit.path).await?;
     let interceptor = Interceptor::start(&config.intercept, &mount, &bound)?;
     let attached = interceptor.attached().to_vec();
 
-    let shared = Arc::new(proxy::Shared::new(
+    let mut shared = proxy::Shared::new(
         interceptor,
         IdentityResolver::new(cgroup::CgroupNames::new(mount)),
         audit,
-    ));
+        config.tls.clone(),
+        leaves,
+        server_tls,
+        upstreams,
+    );
+    shared.server_first_after = config.intercept.server_first_after;
+    let shared = Arc::new(shared);
     let tracker = TaskTracker::new();
     let stop_accept = CancellationToken::new();
     let stop_conns = CancellationToken::new();
     let accept_loops = TaskTracker::new();
     for listener in listeners {
         accept_loops.spawn(proxy::serve(
+            listener,
+            shared.clone(),
+            tracker.clone(),
+            stop_accept.clone(),
+            stop_conns.clone(),
+        ));
+    }
+    for (listener, cfg) in reverse_listeners.into_iter().zip(config.reverse.iter().cloned()) {
+        accept_loops.spawn(explicit::serve_reverse(
+            listener,
+            cfg,
+            shared.clone(),
+            tracker.clone(),
+            stop_accept.clone(),
+            stop_conns.clone(),
+        ));
+    }
+    if let Some(listener) = connect_listener {
+        accept_loops.spawn(explicit::serve_connect(
             listener,
             shared.clone(),
             tracker.clone(),
@@ -98,8 +145,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
 /// One daemon per state directory: a second one would fight over the same cgroups.
 fn lock_state_dir(dir: &Path) -> anyhow::Result<Flock<File>> {
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("cannot create state_dir `{}`", dir.display()))?;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create state_dir `{}`", dir.display()))?;
     let path = dir.join("wl-daemon.lock");
     let file = File::options()
         .create(true)

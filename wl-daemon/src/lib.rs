@@ -10,3 +10,4 @@ pub mod config;
 pub mod daemon;
 pub mod intercept;
 pub mod proxy;
+pub mod tls;

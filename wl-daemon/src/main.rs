@@ -9,11 +9,7 @@ use clap::{Parser, Subcommand};
 use wl_daemon::config::Config;
 
 #[derive(Parser)]
-#[command(
-    name = "wl-daemon",
-    version,
-    about = "wl: governs what AI agents send to the APIs they call"
-)]
+#[command(name = "wl-daemon", version, about = "wl: governs what AI agents send to the APIs they call")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -51,10 +47,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Run {
-            config,
-            print_config,
-        } => {
+        Command::Run { config, print_config } => {
             let config = match config {
                 Some(path) => Config::load(&path)?,
                 None => Config::builtin(),
@@ -63,9 +56,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 print!("{}", config.to_toml());
                 return Ok(());
             }
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?;
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             runtime.block_on(wl_daemon::daemon::run(config))
         }
     }

@@ -17,8 +17,8 @@ use core::ffi::c_void;
 use aya_ebpf::{
     bindings::{bpf_sock_addr, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB},
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_current_uid_gid, bpf_get_socket_cookie,
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
+        bpf_get_socket_cookie,
     },
     macros::{cgroup_sock_addr, map, sock_ops},
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap},
@@ -26,8 +26,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use wl_common::{
-    ConnRecord, PeerKey, Settings, AF_INET, AF_INET6, FLAG_BLOCK_QUIC, FLAG_ENABLED, FLAG_HAS_V4,
-    FLAG_HAS_V6,
+    ConnRecord, PeerKey, Settings, AF_INET, AF_INET6, FLAG_BLOCK_QUIC, FLAG_ENABLED, FLAG_HAS_V4, FLAG_HAS_V6,
 };
 
 /// cgroup/sock_addr verdicts.
@@ -133,30 +132,13 @@ fn sock_addr(ctx: &SockAddrContext) -> &mut bpf_sock_addr {
 fn user_dest(sa: &bpf_sock_addr, v6: bool) -> Dest {
     let port = u16::from_be(sa.user_port as u16);
     if !v6 {
-        return Dest {
-            family: AF_INET,
-            ip: [sa.user_ip4, 0, 0, 0],
-            port,
-        };
+        return Dest { family: AF_INET, ip: [sa.user_ip4, 0, 0, 0], port };
     }
-    let ip = [
-        sa.user_ip6[0],
-        sa.user_ip6[1],
-        sa.user_ip6[2],
-        sa.user_ip6[3],
-    ];
+    let ip = [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]];
     if is_v4_mapped(&ip) {
-        Dest {
-            family: AF_INET,
-            ip: [ip[3], 0, 0, 0],
-            port,
-        }
+        Dest { family: AF_INET, ip: [ip[3], 0, 0, 0], port }
     } else {
-        Dest {
-            family: AF_INET6,
-            ip,
-            port,
-        }
+        Dest { family: AF_INET6, ip, port }
     }
 }
 
@@ -321,11 +303,7 @@ fn rekey_by_peer(ctx: &SockOpsContext) -> Option<()> {
     // SAFETY: the cookie helper takes the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut c_void) };
     let record = BY_COOKIE.get_ptr(&cookie)?;
-    let mut key = PeerKey {
-        family: AF_INET as u32,
-        port: ctx.local_port(),
-        addr: [0; 4],
-    };
+    let mut key = PeerKey { family: AF_INET as u32, port: ctx.local_port(), addr: [0; 4] };
     if ctx.family() == AF_INET as u32 {
         key.addr[0] = ctx.local_ip4();
     } else {

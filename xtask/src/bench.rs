@@ -47,20 +47,14 @@ impl Cgroup {
         let exe = std::env::current_exe()?;
         let out = Command::new("sh")
             .arg("-c")
-            .arg(format!(
-                "echo $$ > {}/cgroup.procs && exec \"$@\"",
-                self.dir.display()
-            ))
+            .arg(format!("echo $$ > {}/cgroup.procs && exec \"$@\"", self.dir.display()))
             .arg("sh")
             .arg(exe)
             .arg("bench-client")
             .args(args)
             .output()?;
         if !out.status.success() {
-            bail!(
-                "bench client failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            bail!("bench client failed: {}", String::from_utf8_lossy(&out.stderr));
         }
         Ok(String::from_utf8(out.stdout)?)
     }
@@ -100,11 +94,7 @@ impl Daemon {
         let dir = std::env::temp_dir().join(format!("wl-bench-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         let config = dir.join("wl.toml");
-        let ports = ports
-            .iter()
-            .map(u16::to_string)
-            .collect::<Vec<_>>()
-            .join(", ");
+        let ports = ports.iter().map(u16::to_string).collect::<Vec<_>>().join(", ");
         std::fs::write(
             &config,
             format!(
@@ -128,10 +118,7 @@ impl Daemon {
         let deadline = Instant::now() + Duration::from_secs(20);
         let cg_dir = cgroup2_mount()?.join(cgroup.trim_start_matches('/'));
         loop {
-            let out = Command::new("bpftool")
-                .args(["cgroup", "show"])
-                .arg(&cg_dir)
-                .output()?;
+            let out = Command::new("bpftool").args(["cgroup", "show"]).arg(&cg_dir).output()?;
             if String::from_utf8_lossy(&out.stdout).contains("wl_connect4") {
                 break;
             }
@@ -152,10 +139,7 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         let pid = nix_pid(self.child.id());
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(pid.to_string())
-            .status();
+        let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self._dir);
     }
@@ -223,11 +207,7 @@ pub fn run(write: bool) -> anyhow::Result<()> {
     };
     let daemon = Daemon::start(&hooked.name, &[intercepted_port])?;
     let acceptor = accept_server()?;
-    let connect_args = vec![
-        "connect".to_string(),
-        acceptor.to_string(),
-        CONNECTS_PER_ROUND.to_string(),
-    ];
+    let connect_args = vec!["connect".to_string(), acceptor.to_string(), CONNECTS_PER_ROUND.to_string()];
     let (mut with_hook, mut without, mut diffs) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..CONNECT_ROUNDS {
         let h = hooked.run_client(&connect_args)?.trim().parse::<f64>()?;
@@ -282,10 +262,7 @@ fn nix_is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines().find_map(|l| {
-                l.strip_prefix("Uid:")
-                    .map(|v| v.split_whitespace().nth(1) == Some("0"))
-            })
+            s.lines().find_map(|l| l.strip_prefix("Uid:").map(|v| v.split_whitespace().nth(1) == Some("0")))
         })
         .unwrap_or(false)
 }
@@ -295,34 +272,22 @@ fn machine_description() -> String {
         .ok()
         .and_then(|s| {
             s.lines().find_map(|l| {
-                l.strip_prefix("model name")
-                    .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+                l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
             })
         })
         .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
     let mem = std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|s| {
-            s.lines().next().map(|l| {
-                l.split_whitespace()
-                    .nth(1)
-                    .unwrap_or("0")
-                    .parse::<u64>()
-                    .unwrap_or(0)
-            })
+            s.lines().next().map(|l| l.split_whitespace().nth(1).unwrap_or("0").parse::<u64>().unwrap_or(0))
         })
         .unwrap_or(0);
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let os = std::fs::read_to_string("/etc/os-release")
         .ok()
         .and_then(|s| {
-            s.lines().find_map(|l| {
-                l.strip_prefix("PRETTY_NAME=")
-                    .map(|v| v.trim_matches('"').to_owned())
-            })
+            s.lines().find_map(|l| l.strip_prefix("PRETTY_NAME=").map(|v| v.trim_matches('"').to_owned()))
         })
         .unwrap_or_default();
     format!(

@@ -94,10 +94,7 @@ fn main() -> anyhow::Result<()> {
 
 /// The workspace root (xtask's parent directory).
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives in the workspace")
-        .to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_owned()
 }
 
 /// Runs a command, failing with its name when it fails.
@@ -122,10 +119,7 @@ fn build(release: bool) -> anyhow::Result<()> {
     if release {
         cmd.arg("--release");
     }
-    eprintln!(
-        "xtask: building ({})",
-        if release { "release" } else { "debug" }
-    );
+    eprintln!("xtask: building ({})", if release { "release" } else { "debug" });
     run_cmd(&mut cmd)
 }
 

@@ -42,19 +42,13 @@ fn say(step: &str, msg: &str) {
 }
 
 fn succeeds(cmd: &mut Command) -> bool {
-    cmd.stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+    cmd.stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
 }
 
 fn output(cmd: &mut Command) -> anyhow::Result<String> {
     let out = cmd.output().with_context(|| format!("starting {cmd:?}"))?;
     if !out.status.success() {
-        bail!(
-            "{cmd:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(String::from_utf8(out.stdout)?)
 }
@@ -63,24 +57,13 @@ fn nightly() -> anyhow::Result<()> {
     if succeeds(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])) {
         return Ok(());
     }
-    say(
-        "nightly",
-        "installing the nightly toolchain (the eBPF programs need -Z build-std)",
-    );
-    run_cmd(Command::new("rustup").args([
-        "toolchain",
-        "install",
-        "nightly",
-        "--profile",
-        "minimal",
-    ]))
-    .context("the eBPF side needs a nightly Rust toolchain; install one with rustup")
+    say("nightly", "installing the nightly toolchain (the eBPF programs need -Z build-std)");
+    run_cmd(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))
+        .context("the eBPF side needs a nightly Rust toolchain; install one with rustup")
 }
 
 fn nightly_sysroot() -> anyhow::Result<PathBuf> {
-    Ok(PathBuf::from(
-        output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?.trim(),
-    ))
+    Ok(PathBuf::from(output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?.trim()))
 }
 
 fn rust_src() -> anyhow::Result<()> {
@@ -88,10 +71,7 @@ fn rust_src() -> anyhow::Result<()> {
     if core.exists() {
         return Ok(());
     }
-    say(
-        "rust-src",
-        "adding rust-src to nightly (the BPF target builds core from source)",
-    );
+    say("rust-src", "adding rust-src to nightly (the BPF target builds core from source)");
     run_cmd(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
 }
 
@@ -105,10 +85,7 @@ fn bpf_linker(cache: &Path) -> anyhow::Result<()> {
         .filter_map(|e| e.file_name().into_string().ok())
         .find(|n| n.starts_with("libLLVM-") && n.ends_with(".so"))
         .context("the nightly toolchain ships no libLLVM-*.so; cannot build bpf-linker")?;
-    let lib = lib
-        .trim_start_matches("lib")
-        .trim_end_matches(".so")
-        .to_owned(); // LLVM-22-rust-...
+    let lib = lib.trim_start_matches("lib").trim_end_matches(".so").to_owned(); // LLVM-22-rust-...
     let major = lib
         .trim_start_matches("LLVM-")
         .split(['-', '.'])
@@ -130,20 +107,11 @@ fn bpf_linker(cache: &Path) -> anyhow::Result<()> {
         &format!("building bpf-linker against the nightly's own {lib} (links the eBPF object; takes about 2 minutes)"),
     );
     let sysroot_lib = sysroot.join("lib");
-    let rustflags = format!(
-        "-L {dir} -l dylib={lib} -C link-arg=-Wl,-rpath,{dir}",
-        dir = sysroot_lib.display()
-    );
+    let rustflags =
+        format!("-L {dir} -l dylib={lib} -C link-arg=-Wl,-rpath,{dir}", dir = sysroot_lib.display());
     run_cmd(
         Command::new("cargo")
-            .args([
-                "+nightly",
-                "install",
-                "bpf-linker",
-                "--locked",
-                "--force",
-                "--no-default-features",
-            ])
+            .args(["+nightly", "install", "bpf-linker", "--locked", "--force", "--no-default-features"])
             .args(["--features", &format!("llvm-{major},no-llvm-linking")])
             .env("RUSTFLAGS", rustflags),
     )?;
@@ -174,13 +142,7 @@ fn debian_packages() -> anyhow::Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    say(
-        "packages",
-        &format!(
-            "installing {} with apt-get (used by the end-to-end tests)",
-            missing.join(" ")
-        ),
-    );
+    say("packages", &format!("installing {} with apt-get (used by the end-to-end tests)", missing.join(" ")));
     run_cmd(Command::new("apt-get").args(["update", "-q"]))?;
     run_cmd(
         Command::new("apt-get")
@@ -197,13 +159,7 @@ fn python_clients(cache: &Path) -> anyhow::Result<()> {
     if succeeds(Command::new(&python).args(["-c", "import requests, openai"])) {
         return Ok(());
     }
-    say(
-        "python",
-        &format!(
-            "creating {} with requests and openai (test clients)",
-            venv.display()
-        ),
-    );
+    say("python", &format!("creating {} with requests and openai (test clients)", venv.display()));
     run_cmd(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
     run_cmd(Command::new(venv.join("bin/pip")).args([
         "install",

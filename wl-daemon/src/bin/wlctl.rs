@@ -57,9 +57,7 @@ enum AuditCommand {
 
 fn main() -> ExitCode {
     match Cli::parse().command {
-        Command::Config {
-            command: ConfigCommand::Check { path },
-        } => match Config::load(&path) {
+        Command::Config { command: ConfigCommand::Check { path } } => match Config::load(&path) {
             Ok(_) => {
                 println!("{}: ok", path.display());
                 ExitCode::SUCCESS
@@ -69,15 +67,7 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Audit {
-            command:
-                AuditCommand::Tail {
-                    file,
-                    kind,
-                    pid,
-                    lines,
-                },
-        } => {
+        Command::Audit { command: AuditCommand::Tail { file, kind, pid, lines } } => {
             let f = match std::fs::File::open(&file) {
                 Ok(f) => f,
                 Err(e) => {

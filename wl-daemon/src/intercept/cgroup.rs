@@ -12,7 +12,9 @@ use std::{
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
     /// No cgroup2 file system in `/proc/self/mountinfo`.
-    #[error("no cgroup2 file system is mounted: mount one (mount -t cgroup2 none /sys/fs/cgroup) and start again")]
+    #[error(
+        "no cgroup2 file system is mounted: mount one (mount -t cgroup2 none /sys/fs/cgroup) and start again"
+    )]
     NoCgroup2,
     /// `/proc/self/mountinfo` could not be read.
     #[error("cannot read /proc/self/mountinfo: {0}")]
@@ -43,10 +45,7 @@ pub fn find_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
 
 /// mountinfo escapes space, tab, newline and backslash as octal.
 fn unescape_mountinfo(s: &str) -> String {
-    s.replace("\\040", " ")
-        .replace("\\011", "\t")
-        .replace("\\012", "\n")
-        .replace("\\134", "\\")
+    s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
 }
 
 /// The cgroup2 mount of this machine.
@@ -61,10 +60,7 @@ pub fn cgroup_dir(mount: &Path, cgroup: &str) -> Result<PathBuf, CgroupError> {
     if dir.join("cgroup.procs").exists() {
         Ok(dir)
     } else {
-        Err(CgroupError::Missing {
-            cgroup: cgroup.to_owned(),
-            path: dir,
-        })
+        Err(CgroupError::Missing { cgroup: cgroup.to_owned(), path: dir })
     }
 }
 
@@ -82,9 +78,7 @@ pub fn cgroup_of_pid(pid: u32) -> Option<String> {
 
 /// The `0::PATH` entry of a `/proc/PID/cgroup` text.
 pub fn parse_proc_cgroup(text: &str) -> Option<String> {
-    text.lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .map(|p| p.trim().to_owned())
+    text.lines().find_map(|l| l.strip_prefix("0::")).map(|p| p.trim().to_owned())
 }
 
 /// The systemd unit a cgroup path belongs to: the innermost `.service` or `.scope`
@@ -110,10 +104,7 @@ pub struct CgroupNames {
 impl CgroupNames {
     /// Names under `mount`.
     pub fn new(mount: PathBuf) -> Self {
-        Self {
-            mount,
-            known: Mutex::new(HashMap::new()),
-        }
+        Self { mount, known: Mutex::new(HashMap::new()) }
     }
 
     /// The cgroup2 mount point.
@@ -126,26 +117,15 @@ impl CgroupNames {
         if let Some(hint) = hint {
             let dir = self.mount.join(hint.trim_start_matches('/'));
             if cgroup_id(&dir).ok() == Some(id) {
-                self.known
-                    .lock()
-                    .expect("cgroup name cache poisoned")
-                    .insert(id, hint.to_owned());
+                self.known.lock().expect("cgroup name cache poisoned").insert(id, hint.to_owned());
                 return Some(hint.to_owned());
             }
         }
-        if let Some(p) = self
-            .known
-            .lock()
-            .expect("cgroup name cache poisoned")
-            .get(&id)
-        {
+        if let Some(p) = self.known.lock().expect("cgroup name cache poisoned").get(&id) {
             return Some(p.clone());
         }
         let found = self.walk(id)?;
-        self.known
-            .lock()
-            .expect("cgroup name cache poisoned")
-            .insert(id, found.clone());
+        self.known.lock().expect("cgroup name cache poisoned").insert(id, found.clone());
         Some(found)
     }
 
@@ -178,30 +158,18 @@ mod tests {
         let mi = "31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755\n\
                   40 31 0:37 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,name=systemd\n\
                   41 31 0:38 / /sys/fs/cgroup/unified rw,relatime shared:9 - cgroup2 cgroup2 rw\n";
-        assert_eq!(
-            find_cgroup2_mount(mi),
-            Some(PathBuf::from("/sys/fs/cgroup/unified"))
-        );
-        assert_eq!(
-            find_cgroup2_mount("31 23 0:28 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n"),
-            None
-        );
+        assert_eq!(find_cgroup2_mount(mi), Some(PathBuf::from("/sys/fs/cgroup/unified")));
+        assert_eq!(find_cgroup2_mount("31 23 0:28 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n"), None);
     }
 
     #[test]
     fn units_from_paths() {
-        assert_eq!(
-            unit_of_cgroup("/system.slice/agent.service").as_deref(),
-            Some("agent.service")
-        );
+        assert_eq!(unit_of_cgroup("/system.slice/agent.service").as_deref(), Some("agent.service"));
         assert_eq!(
             unit_of_cgroup("/user.slice/user-0.slice/session-3.scope").as_deref(),
             Some("session-3.scope")
         );
-        assert_eq!(
-            unit_of_cgroup("/agents.slice").as_deref(),
-            Some("agents.slice")
-        );
+        assert_eq!(unit_of_cgroup("/agents.slice").as_deref(), Some("agents.slice"));
         assert_eq!(unit_of_cgroup("/wl-test-1"), None);
         assert_eq!(unit_of_cgroup("/"), None);
     }
@@ -209,9 +177,6 @@ mod tests {
     #[test]
     fn proc_cgroup_v2_line() {
         let text = "12:pids:/user.slice\n0::/system.slice/ssh.service\n";
-        assert_eq!(
-            parse_proc_cgroup(text).as_deref(),
-            Some("/system.slice/ssh.service")
-        );
+        assert_eq!(parse_proc_cgroup(text).as_deref(), Some("/system.slice/ssh.service"));
     }
 }

@@ -46,17 +46,12 @@ pub struct IdentityResolver {
 impl IdentityResolver {
     /// A resolver for cgroups under `cgroups`.
     pub fn new(cgroups: CgroupNames) -> Self {
-        Self {
-            cgroups,
-            users: Mutex::new(HashMap::new()),
-        }
+        Self { cgroups, users: Mutex::new(HashMap::new()) }
     }
 
     /// Everything known about the caller of a recorded connection.
     pub fn resolve(&self, rec: &ConnRecord) -> AgentIdentity {
-        let exe = std::fs::read_link(format!("/proc/{}/exe", rec.pid))
-            .ok()
-            .map(|p| p.display().to_string());
+        let exe = std::fs::read_link(format!("/proc/{}/exe", rec.pid)).ok().map(|p| p.display().to_string());
         let hint = cgroup_of_pid(rec.pid);
         let cgroup = self.cgroups.path_of(rec.cgroup_id, hint.as_deref());
         let unit = cgroup.as_deref().and_then(unit_of_cgroup);
@@ -74,18 +69,100 @@ impl IdentityResolver {
         }
     }
 
+    /// The identity behind a loopback TCP client of an explicit listener, where no kernel
+    /// record exists: the socket's owner from `/proc/net/tcp{,6}`, the process holding it
+    /// from `/proc/*/fd`. `None` when the socket is not local or already gone.
+    pub fn resolve_tcp_peer(&self, peer: std::net::SocketAddr) -> Option<AgentIdentity> {
+        let (uid, inode) = find_tcp_socket(peer)?;
+        let Some(pid) = find_pid_holding(inode) else {
+            // The uid is still worth recording.
+            return Some(AgentIdentity {
+                pid: 0,
+                tid: 0,
+                uid,
+                gid: 0,
+                user: self.user_name(uid),
+                comm: String::new(),
+                exe: None,
+                cgroup: None,
+                cgroup_id: 0,
+                unit: None,
+            });
+        };
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let gid = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Gid:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let comm_text = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        let mut comm = [0u8; 16];
+        let bytes = comm_text.trim_end().as_bytes();
+        comm[..bytes.len().min(15)].copy_from_slice(&bytes[..bytes.len().min(15)]);
+        let cgroup_id = cgroup_of_pid(pid)
+            .and_then(|p| {
+                super::cgroup::cgroup_id(&self.cgroups.mount().join(p.trim_start_matches('/'))).ok()
+            })
+            .unwrap_or(0);
+        let rec = ConnRecord { pid, tid: pid, uid, gid, cgroup_id, comm, ..Default::default() };
+        Some(self.resolve(&rec))
+    }
+
     fn user_name(&self, uid: u32) -> Option<String> {
         let mut users = self.users.lock().expect("user cache poisoned");
         users
             .entry(uid)
             .or_insert_with(|| {
-                nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
-                    .ok()
-                    .flatten()
-                    .map(|u| u.name)
+                nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)).ok().flatten().map(|u| u.name)
             })
             .clone()
     }
+}
+
+/// Finds the TCP socket whose local address is `addr`: (owner uid, inode).
+fn find_tcp_socket(addr: std::net::SocketAddr) -> Option<(u32, u64)> {
+    let file = if addr.is_ipv4() { "/proc/net/tcp" } else { "/proc/net/tcp6" };
+    let text = std::fs::read_to_string(file).ok()?;
+    text.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let local = parse_proc_net_addr(f.get(1)?)?;
+        (local == addr).then(|| Some((f.get(7)?.parse().ok()?, f.get(9)?.parse().ok()?)))?
+    })
+}
+
+/// `0100007F:1F90` (IPv4) or 32 hex digits and a port (IPv6): words in host order.
+pub fn parse_proc_net_addr(field: &str) -> Option<std::net::SocketAddr> {
+    let (ip, port) = field.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let word = |s: &str| u32::from_str_radix(s, 16).ok().map(u32::to_ne_bytes);
+    let ip: std::net::IpAddr = match ip.len() {
+        8 => std::net::Ipv4Addr::from(word(ip)?).into(),
+        32 => {
+            let mut o = [0u8; 16];
+            for i in 0..4 {
+                o[4 * i..4 * i + 4].copy_from_slice(&word(&ip[8 * i..8 * i + 8])?);
+            }
+            std::net::Ipv6Addr::from(o).into()
+        }
+        _ => return None,
+    };
+    Some(std::net::SocketAddr::new(ip, port))
+}
+
+/// The process with a descriptor on socket `inode` (scans /proc; bounded by the host).
+fn find_pid_holding(inode: u64) -> Option<u32> {
+    let target = format!("socket:[{inode}]");
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|proc_entry| {
+        let pid: u32 = proc_entry.file_name().to_str()?.parse().ok()?;
+        if pid == std::process::id() {
+            return None;
+        }
+        let fds = std::fs::read_dir(proc_entry.path().join("fd")).ok()?;
+        fds.flatten()
+            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == target.as_str()))
+            .then_some(pid)
+    })
 }
 
 /// The NUL-padded `comm` as text.
@@ -97,6 +174,26 @@ pub fn comm_string(comm: &[u8; 16]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn proc_net_addresses() {
+        let v4 = parse_proc_net_addr("0100007F:1F90").unwrap();
+        if cfg!(target_endian = "little") {
+            assert_eq!(v4, "127.0.0.1:8080".parse().unwrap());
+            let v6 = parse_proc_net_addr("00000000000000000000000001000000:0050").unwrap();
+            assert_eq!(v6, "[::1]:80".parse().unwrap());
+        }
+        assert!(parse_proc_net_addr("zz:1").is_none());
+    }
+
+    #[test]
+    fn finds_the_owner_of_a_local_socket() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (uid, inode) = find_tcp_socket(c.local_addr().unwrap()).expect("socket listed");
+        assert_eq!(uid, nix::unistd::getuid().as_raw());
+        assert!(inode > 0);
+    }
 
     #[test]
     fn comm_stops_at_nul() {
@@ -111,8 +208,7 @@ mod tests {
         let mount = super::super::cgroup::cgroup2_mount().expect("cgroup2 is mounted here");
         let me = std::process::id();
         let path = cgroup_of_pid(me).expect("own cgroup");
-        let id =
-            super::super::cgroup::cgroup_id(&mount.join(path.trim_start_matches('/'))).unwrap();
+        let id = super::super::cgroup::cgroup_id(&mount.join(path.trim_start_matches('/'))).unwrap();
         let rec = ConnRecord {
             pid: me,
             tid: me,
@@ -123,17 +219,7 @@ mod tests {
         };
         let ident = IdentityResolver::new(CgroupNames::new(mount)).resolve(&rec);
         assert_eq!(ident.cgroup.as_deref(), Some(path.as_str()));
-        assert_eq!(
-            ident.exe,
-            std::env::current_exe()
-                .ok()
-                .map(|p| p.display().to_string())
-        );
-        assert_eq!(
-            ident.user.as_deref(),
-            Some("root")
-                .filter(|_| rec.uid == 0)
-                .or(ident.user.as_deref())
-        );
+        assert_eq!(ident.exe, std::env::current_exe().ok().map(|p| p.display().to_string()));
+        assert_eq!(ident.user.as_deref(), Some("root").filter(|_| rec.uid == 0).or(ident.user.as_deref()));
     }
 }

@@ -100,9 +100,7 @@ pub struct Interceptor {
 
 impl std::fmt::Debug for Interceptor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Interceptor")
-            .field("attached", &self.attached)
-            .finish_non_exhaustive()
+        f.debug_struct("Interceptor").field("attached", &self.attached).finish_non_exhaustive()
     }
 }
 
@@ -120,13 +118,8 @@ impl Interceptor {
             .iter()
             .map(|name| {
                 let dir = cgroup::cgroup_dir(mount, name)?;
-                let id =
-                    cgroup::cgroup_id(&dir).map_err(|e| InterceptError::Load(e.to_string()))?;
-                Ok(Target {
-                    name: name.clone(),
-                    dir,
-                    id,
-                })
+                let id = cgroup::cgroup_id(&dir).map_err(|e| InterceptError::Load(e.to_string()))?;
+                Ok(Target { name: name.clone(), dir, id })
             })
             .collect::<Result<Vec<_>, InterceptError>>()?;
         let mut exempt = Vec::new();
@@ -153,13 +146,12 @@ impl Interceptor {
             FailMode::Open => clear_pin_dir(&pin_dir)?,
         }
 
-        let level: u8 = if tracing::level_filters::LevelFilter::current()
-            >= tracing::level_filters::LevelFilter::DEBUG
-        {
-            4
-        } else {
-            2
-        };
+        let level: u8 =
+            if tracing::level_filters::LevelFilter::current() >= tracing::level_filters::LevelFilter::DEBUG {
+                4
+            } else {
+                2
+            };
         let mut loader = EbpfLoader::new();
         loader.override_global(aya_log::LEVEL, &level, false);
         let map_pins: Vec<(&str, PathBuf)> = maps::ALL
@@ -172,9 +164,7 @@ impl Interceptor {
                 loader.map_pin_path(name, path.as_path());
             }
         }
-        let mut ebpf = loader
-            .load(EBPF_OBJECT)
-            .map_err(|e| InterceptError::Load(chain(&e)))?;
+        let mut ebpf = loader.load(EBPF_OBJECT).map_err(|e| InterceptError::Load(chain(&e)))?;
 
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(logger) => Some(spawn_kernel_log_reader(logger)),
@@ -201,25 +191,20 @@ impl Interceptor {
                 keep.insert(pin_path.clone());
                 if cfg.fail == FailMode::Closed && pin_path.exists() {
                     // Taken over from the previous run: same object, same maps.
-                    let link =
-                        PinnedLink::from_pin(&pin_path).map_err(|e| InterceptError::Pin {
-                            path: pin_path.clone(),
-                            message: chain(&e),
-                        })?;
+                    let link = PinnedLink::from_pin(&pin_path)
+                        .map_err(|e| InterceptError::Pin { path: pin_path.clone(), message: chain(&e) })?;
                     pinned.push(link);
                     continue;
                 }
-                let link =
-                    attach(&mut ebpf, prog, &fd).map_err(|message| InterceptError::Attach {
-                        program: prog,
-                        cgroup: target.name.clone(),
-                        message,
-                    })?;
+                let link = attach(&mut ebpf, prog, &fd).map_err(|message| InterceptError::Attach {
+                    program: prog,
+                    cgroup: target.name.clone(),
+                    message,
+                })?;
                 if cfg.fail == FailMode::Closed {
-                    let link = link.pin(&pin_path).map_err(|e| InterceptError::Pin {
-                        path: pin_path.clone(),
-                        message: chain(&e),
-                    })?;
+                    let link = link
+                        .pin(&pin_path)
+                        .map_err(|e| InterceptError::Pin { path: pin_path.clone(), message: chain(&e) })?;
                     pinned.push(link);
                 } else {
                     owned.push(link);
@@ -232,18 +217,10 @@ impl Interceptor {
             remove_stale_links(&pin_dir, &keep)?;
         }
 
-        let by_peer = ebpf
-            .take_map(maps::BY_PEER)
-            .ok_or_else(|| InterceptError::Maps("no BY_PEER map".into()))?;
+        let by_peer =
+            ebpf.take_map(maps::BY_PEER).ok_or_else(|| InterceptError::Maps("no BY_PEER map".into()))?;
         let by_peer = HashMap::try_from(by_peer).map_err(|e| InterceptError::Maps(chain(&e)))?;
-        Ok(Self {
-            pinned,
-            _owned: owned,
-            by_peer: Mutex::new(by_peer),
-            logger,
-            attached,
-            _ebpf: ebpf,
-        })
+        Ok(Self { pinned, _owned: owned, by_peer: Mutex::new(by_peer), logger, attached, _ebpf: ebpf })
     }
 
     /// The record of the connection whose client is `peer` (as seen from `accept()`),
@@ -289,9 +266,7 @@ const ALL_PROGRAMS: [&str; 7] = [
 ];
 
 fn attach(ebpf: &mut Ebpf, name: &'static str, cgroup: &File) -> Result<FdLink, String> {
-    let prog = ebpf
-        .program_mut(name)
-        .ok_or_else(|| format!("program {name} missing from the object"))?;
+    let prog = ebpf.program_mut(name).ok_or_else(|| format!("program {name} missing from the object"))?;
     // bpf_link attachments to cgroups are always multi-program; the kernel refuses flags.
     let mode = CgroupAttachMode::Single;
     if name == programs::SOCK_OPS {
@@ -319,10 +294,7 @@ fn write_maps(
     listeners: &[SocketAddr],
     exempt: &[u64],
 ) -> Result<(), String> {
-    let mut settings = Settings {
-        daemon_tgid: std::process::id(),
-        ..Default::default()
-    };
+    let mut settings = Settings { daemon_tgid: std::process::id(), ..Default::default() };
     settings.flags = wl_common::FLAG_ENABLED;
     if cfg.block_quic {
         settings.flags |= wl_common::FLAG_BLOCK_QUIC;
@@ -345,8 +317,7 @@ fn write_maps(
     // Maps may be reused from pins: clear what an earlier configuration left.
     {
         let mut ports: HashMap<_, u16, u32> =
-            HashMap::try_from(ebpf.map_mut(maps::PORTS).ok_or("no PORTS map")?)
-                .map_err(|e| chain(&e))?;
+            HashMap::try_from(ebpf.map_mut(maps::PORTS).ok_or("no PORTS map")?).map_err(|e| chain(&e))?;
         let old: Vec<u16> = ports.keys().filter_map(Result::ok).collect();
         for k in old {
             ports.remove(&k).map_err(|e| chain(&e))?;
@@ -356,11 +327,9 @@ fn write_maps(
         }
     }
     {
-        let mut ex: HashMap<_, u64, u32> = HashMap::try_from(
-            ebpf.map_mut(maps::EXEMPT_CGROUPS)
-                .ok_or("no EXEMPT_CGROUPS map")?,
-        )
-        .map_err(|e| chain(&e))?;
+        let mut ex: HashMap<_, u64, u32> =
+            HashMap::try_from(ebpf.map_mut(maps::EXEMPT_CGROUPS).ok_or("no EXEMPT_CGROUPS map")?)
+                .map_err(|e| chain(&e))?;
         let old: Vec<u64> = ex.keys().filter_map(Result::ok).collect();
         for k in old {
             ex.remove(&k).map_err(|e| chain(&e))?;
@@ -379,19 +348,14 @@ fn write_maps(
         }
         for net in &cfg.exclude {
             let (bytes, len) = match net.network() {
-                IpAddr::V4(v4) => (
-                    v4.to_ipv6_mapped().octets(),
-                    u32::from(net.prefix_len()) + 96,
-                ),
+                IpAddr::V4(v4) => (v4.to_ipv6_mapped().octets(), u32::from(net.prefix_len()) + 96),
                 IpAddr::V6(v6) => (v6.octets(), u32::from(net.prefix_len())),
             };
-            trie.insert(&Key::new(len, bytes), 1, 0)
-                .map_err(|e| chain(&e))?;
+            trie.insert(&Key::new(len, bytes), 1, 0).map_err(|e| chain(&e))?;
         }
     }
     let mut array: Array<_, Settings> =
-        Array::try_from(ebpf.map_mut(maps::SETTINGS).ok_or("no SETTINGS map")?)
-            .map_err(|e| chain(&e))?;
+        Array::try_from(ebpf.map_mut(maps::SETTINGS).ok_or("no SETTINGS map")?).map_err(|e| chain(&e))?;
     array.set(0, settings, 0).map_err(|e| chain(&e))?;
     Ok(())
 }
@@ -402,11 +366,9 @@ pub fn peer_key(peer: SocketAddr) -> PeerKey {
         SocketAddr::V4(a) => v4_key(*a.ip(), a.port()),
         SocketAddr::V6(a) => match a.ip().to_ipv4_mapped() {
             Some(v4) => v4_key(v4, a.port()),
-            None => PeerKey {
-                family: u32::from(AF_INET6),
-                port: u32::from(a.port()),
-                addr: ip6_words(a.ip()),
-            },
+            None => {
+                PeerKey { family: u32::from(AF_INET6), port: u32::from(a.port()), addr: ip6_words(a.ip()) }
+            }
         },
     }
 }
@@ -421,9 +383,7 @@ fn v4_key(ip: Ipv4Addr, port: u16) -> PeerKey {
 
 fn ip6_words(ip: &Ipv6Addr) -> [u32; 4] {
     let o = ip.octets();
-    std::array::from_fn(|i| {
-        u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
-    })
+    std::array::from_fn(|i| u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]))
 }
 
 /// The original destination recorded by the kernel.
@@ -479,38 +439,23 @@ pub fn check_capabilities() -> Result<(), InterceptError> {
     if (has(CAP_BPF) || has(CAP_SYS_ADMIN)) && has(CAP_NET_ADMIN) {
         Ok(())
     } else {
-        Err(InterceptError::Privileges {
-            have: format!("{eff:#x}"),
-        })
+        Err(InterceptError::Privileges { have: format!("{eff:#x}") })
     }
 }
 
 fn ensure_bpffs(pin_dir: &Path) -> Result<(), InterceptError> {
-    let err = |message: String| InterceptError::Pin {
-        path: pin_dir.to_owned(),
-        message,
-    };
-    let parent = pin_dir
-        .parent()
-        .ok_or_else(|| err("has no parent directory".into()))?;
+    let err = |message: String| InterceptError::Pin { path: pin_dir.to_owned(), message };
+    let parent = pin_dir.parent().ok_or_else(|| err("has no parent directory".into()))?;
     let is_bpffs = |p: &Path| {
-        nix::sys::statfs::statfs(p)
-            .map(|s| s.filesystem_type().0 == libc::BPF_FS_MAGIC)
-            .unwrap_or(false)
+        nix::sys::statfs::statfs(p).map(|s| s.filesystem_type().0 == libc::BPF_FS_MAGIC).unwrap_or(false)
     };
     if is_bpffs(parent) {
         return Ok(());
     }
     if parent == Path::new("/sys/fs/bpf") {
         // Systemd hosts mount it at boot; minimal hosts may not have.
-        nix::mount::mount(
-            Some("bpf"),
-            parent,
-            Some("bpf"),
-            nix::mount::MsFlags::empty(),
-            None::<&str>,
-        )
-        .map_err(|e| err(format!("mounting bpffs on /sys/fs/bpf failed: {e}")))?;
+        nix::mount::mount(Some("bpf"), parent, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
+            .map_err(|e| err(format!("mounting bpffs on /sys/fs/bpf failed: {e}")))?;
         tracing::info!("mounted bpffs on /sys/fs/bpf");
         return Ok(());
     }
@@ -519,10 +464,7 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<(), InterceptError> {
 
 fn prepare_pin_dir(pin_dir: &Path, object_id: &str) -> Result<(), InterceptError> {
     ensure_bpffs(pin_dir)?;
-    let err = |message: String| InterceptError::Pin {
-        path: pin_dir.to_owned(),
-        message,
-    };
+    let err = |message: String| InterceptError::Pin { path: pin_dir.to_owned(), message };
     std::fs::create_dir_all(pin_dir).map_err(|e| err(e.to_string()))?;
     // bpffs holds only bpf objects and directories: the object id is the name of an empty
     // directory inside OBJECT_ID_FILE.
@@ -534,7 +476,9 @@ fn prepare_pin_dir(pin_dir: &Path, object_id: &str) -> Result<(), InterceptError
         .map(|e| e.file_name().to_string_lossy().into_owned());
     if previous.as_deref() != Some(object_id) {
         if previous.is_some() {
-            tracing::warn!("pinned programs are from another wl build: replacing them (interception pauses briefly)");
+            tracing::warn!(
+                "pinned programs are from another wl build: replacing them (interception pauses briefly)"
+            );
         }
         clear_pin_dir(pin_dir)?;
         std::fs::create_dir_all(pin_dir).map_err(|e| err(e.to_string()))?;
@@ -546,17 +490,11 @@ fn prepare_pin_dir(pin_dir: &Path, object_id: &str) -> Result<(), InterceptError
 /// Removes every pinned link and map of an earlier run (unpinning a link that nothing else
 /// holds detaches it) and the directory itself.
 pub fn clear_pin_dir(pin_dir: &Path) -> Result<(), InterceptError> {
-    let err = |message: String| InterceptError::Pin {
-        path: pin_dir.to_owned(),
-        message,
-    };
+    let err = |message: String| InterceptError::Pin { path: pin_dir.to_owned(), message };
     if !pin_dir.exists() {
         return Ok(());
     }
-    for entry in std::fs::read_dir(pin_dir)
-        .map_err(|e| err(e.to_string()))?
-        .flatten()
-    {
+    for entry in std::fs::read_dir(pin_dir).map_err(|e| err(e.to_string()))?.flatten() {
         let path = entry.path();
         if path.is_dir() {
             std::fs::remove_dir_all(&path).map_err(|e| err(e.to_string()))?;
@@ -568,16 +506,11 @@ pub fn clear_pin_dir(pin_dir: &Path) -> Result<(), InterceptError> {
 }
 
 fn remove_stale_links(pin_dir: &Path, keep: &BTreeSet<PathBuf>) -> Result<(), InterceptError> {
-    let entries = std::fs::read_dir(pin_dir).map_err(|e| InterceptError::Pin {
-        path: pin_dir.to_owned(),
-        message: e.to_string(),
-    })?;
+    let entries = std::fs::read_dir(pin_dir)
+        .map_err(|e| InterceptError::Pin { path: pin_dir.to_owned(), message: e.to_string() })?;
     for entry in entries.flatten() {
         let path = entry.path();
-        let is_link = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with("link-"));
+        let is_link = path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("link-"));
         if is_link && !keep.contains(&path) {
             tracing::info!(pin = %path.display(), "detaching a cgroup no longer configured");
             let _ = std::fs::remove_file(&path);

@@ -5,7 +5,10 @@
 //! daemon's own connects are exempt from redirection), relay bytes both ways unchanged, and
 //! write one audit record when the connection ends. TLS termination builds on this path.
 
+pub mod explicit;
+pub mod http;
 pub mod splice;
+pub mod upstream;
 
 use std::{
     net::SocketAddr,
@@ -21,11 +24,18 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     audit::{AuditLog, AuditRecord, ConnectionRecord},
+    config::TlsConfig,
     intercept::{identity::IdentityResolver, original_destination, Interceptor},
+    tls::{
+        hello::{self, Peeked},
+        leaf::LeafCache,
+    },
 };
 
 /// How long connecting to an original destination may take.
 const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most bytes peeked for a ClientHello (the largest seen in practice are a few KiB).
+const MAX_CLIENT_HELLO: usize = 32 * 1024;
 
 /// Errors binding listeners.
 #[derive(Debug, thiserror::Error)]
@@ -45,9 +55,7 @@ pub enum ProxyError {
 pub async fn bind(addrs: &[SocketAddr]) -> Result<Vec<TcpListener>, ProxyError> {
     let mut out = Vec::with_capacity(addrs.len());
     for &addr in addrs {
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| ProxyError::Bind { addr, source })?;
+        let listener = TcpListener::bind(addr).await.map_err(|source| ProxyError::Bind { addr, source })?;
         out.push(listener);
     }
     Ok(out)
@@ -62,18 +70,46 @@ pub struct Shared {
     pub identities: IdentityResolver,
     /// The audit trail.
     pub audit: AuditLog,
+    /// `[tls]`.
+    pub tls: TlsConfig,
+    /// Leaf certificates.
+    pub leaves: Arc<LeafCache>,
+    /// The agents' side of terminated TLS.
+    pub server_tls: Arc<rustls::ServerConfig>,
+    /// Pooled upstream clients.
+    pub upstreams: Arc<upstream::Upstreams>,
+    /// `intercept.server_first_after`.
+    pub server_first_after: Duration,
     next_id: AtomicU64,
 }
 
 impl Shared {
     /// Bundles the parts.
-    pub fn new(interceptor: Interceptor, identities: IdentityResolver, audit: AuditLog) -> Self {
+    pub fn new(
+        interceptor: Interceptor,
+        identities: IdentityResolver,
+        audit: AuditLog,
+        tls: TlsConfig,
+        leaves: Arc<LeafCache>,
+        server_tls: Arc<rustls::ServerConfig>,
+        upstreams: Arc<upstream::Upstreams>,
+    ) -> Self {
         Self {
             interceptor,
             identities,
             audit,
+            tls,
+            leaves,
+            server_tls,
+            upstreams,
+            server_first_after: Duration::from_millis(300),
             next_id: AtomicU64::new(1),
         }
+    }
+
+    /// A new connection number.
+    pub fn next_conn_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 }
 
@@ -97,8 +133,7 @@ pub async fn serve(
                 let shared = shared.clone();
                 let stop = stop_conns.clone();
                 let listener_addr = local.map(|a| a.to_string()).unwrap_or_default();
-                tracker
-                    .spawn(async move { handle(stream, peer, listener_addr, shared, stop).await });
+                tracker.spawn(async move { handle(stream, peer, listener_addr, shared, stop).await });
             }
             Err(e) => {
                 // EMFILE and friends: back off rather than spin.
@@ -117,28 +152,13 @@ async fn handle(
     stop: CancellationToken,
 ) {
     let started = Instant::now();
-    let conn_id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-    let mut record = ConnectionRecord {
-        conn_id,
-        listener,
-        peer: peer.to_string(),
-        dst: None,
-        agent: None,
-        action: "refused",
-        bytes_up: 0,
-        bytes_down: 0,
-        duration_ms: 0,
-        error: None,
-    };
+    let conn_id = shared.next_conn_id();
+    let mut record = ConnectionRecord::new(conn_id, listener, peer);
     let Some(kernel) = shared.interceptor.take_record(peer) else {
         // Someone connected to the listener directly, or the record aged out.
         tracing::warn!(conn_id, %peer, "connection without an interception record: closed");
-        record.error =
-            Some("no interception record for this connection (not redirected by wl)".into());
-        shared
-            .audit
-            .record(AuditRecord::Connection(Box::new(record)));
-        return;
+        record.error = Some("no interception record for this connection (not redirected by wl)".into());
+        return finish(&shared, record, started);
     };
     let dst = original_destination(&kernel);
     let identity = shared.identities.resolve(&kernel);
@@ -147,45 +167,113 @@ async fn handle(
         cgroup = identity.cgroup.as_deref().unwrap_or("?"), "intercepted connection"
     );
     record.dst = Some(dst.to_string());
-    record.agent = Some(identity);
+    record.agent = Some(identity.clone());
 
-    let upstream =
-        match tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, TcpStream::connect(dst)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                record.error = Some(format!("connecting to {dst}: {e}"));
-                return finish(&shared, record, started);
-            }
-            Err(_) => {
-                record.error = Some(format!(
-                    "connecting to {dst}: timed out after {UPSTREAM_CONNECT_TIMEOUT:?}"
-                ));
-                return finish(&shared, record, started);
-            }
-        };
-    let _ = agent.set_nodelay(true);
-    let _ = upstream.set_nodelay(true);
-    record.action = "splice";
-    let relay = splice::relay(&agent, &upstream);
-    tokio::select! {
-        result = relay => match result {
-            Ok((up, down)) => {
-                record.bytes_up = up;
-                record.bytes_down = down;
-            }
-            Err(e) => record.error = Some(format!("relay: {e}")),
-        },
-        _ = stop.cancelled() => record.error = Some("closed: wl-daemon shutting down".into()),
+    let outcome = tokio::select! {
+        outcome = dispatch(agent, dst, identity, conn_id, &shared, &mut record) => outcome,
+        _ = stop.cancelled() => Err("closed: wl-daemon shutting down".into()),
+    };
+    if let Err(e) = outcome {
+        record.error = Some(e);
     }
     finish(&shared, record, started);
 }
 
-fn finish(shared: &Shared, mut record: ConnectionRecord, started: Instant) {
+/// Decides what happens to an intercepted connection from its first bytes.
+async fn dispatch(
+    agent: TcpStream,
+    dst: SocketAddr,
+    identity: crate::intercept::identity::AgentIdentity,
+    conn_id: u64,
+    shared: &Arc<Shared>,
+    record: &mut ConnectionRecord,
+) -> Result<(), String> {
+    let peeked =
+        hello::peek(&agent, MAX_CLIENT_HELLO, shared.server_first_after, shared.tls.handshake_timeout)
+            .await
+            .map_err(|e| e.to_string())?;
+    match peeked {
+        Peeked::Tls { sni: Some(sni), .. } if shared.tls.is_governed(&sni) => {
+            record.action = "terminate";
+            record.host = Some(sni.clone());
+            let _ = agent.set_nodelay(true);
+            let ctx = Arc::new(http::ConnContext::new(
+                conn_id,
+                Some(identity),
+                Some(sni.clone()),
+                false,
+                dst,
+                http::Scheme::Https,
+                shared.clone(),
+            ));
+            let result = terminate(agent, &sni, ctx.clone(), shared).await;
+            record.requests = ctx.requests();
+            result
+        }
+        Peeked::Tls { sni, .. } => {
+            // Not governed: the agent talks to the real server, certificate and all.
+            record.host = sni;
+            splice_to(agent, dst, record).await
+        }
+        Peeked::Silent => splice_to(agent, dst, record).await,
+        Peeked::PlainHttp => {
+            record.action = "http";
+            let _ = agent.set_nodelay(true);
+            let ctx = Arc::new(http::ConnContext::new(
+                conn_id,
+                Some(identity),
+                None,
+                false,
+                dst,
+                http::Scheme::Http,
+                shared.clone(),
+            ));
+            let result = http::serve(agent, ctx.clone()).await;
+            record.requests = ctx.requests();
+            result
+        }
+    }
+}
+
+/// Terminates TLS for `sni` on `io` with a leaf from the beacon CA and serves HTTP on it.
+pub async fn terminate<IO>(
+    io: IO,
+    sni: &str,
+    ctx: Arc<http::ConnContext>,
+    shared: &Shared,
+) -> Result<(), String>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    shared.leaves.get(sni).await.map_err(|e| e.to_string())?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(shared.server_tls.clone());
+    let tls = tokio::time::timeout(shared.tls.handshake_timeout, acceptor.accept(io))
+        .await
+        .map_err(|_| format!("TLS handshake not finished within {:?}", shared.tls.handshake_timeout))?
+        .map_err(|e| format!("TLS handshake with the agent failed: {e}"))?;
+    http::serve(tls, ctx).await
+}
+
+async fn splice_to(agent: TcpStream, dst: SocketAddr, record: &mut ConnectionRecord) -> Result<(), String> {
+    let upstream = match tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, TcpStream::connect(dst)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(format!("connecting to {dst}: {e}")),
+        Err(_) => return Err(format!("connecting to {dst}: timed out after {UPSTREAM_CONNECT_TIMEOUT:?}")),
+    };
+    let _ = agent.set_nodelay(true);
+    let _ = upstream.set_nodelay(true);
+    record.action = "splice";
+    let (up, down) = splice::relay(&agent, &upstream).await.map_err(|e| format!("relay: {e}"))?;
+    record.bytes_up = up;
+    record.bytes_down = down;
+    Ok(())
+}
+
+/// Writes the connection's audit record.
+pub fn finish(shared: &Shared, mut record: ConnectionRecord, started: Instant) {
     record.duration_ms = started.elapsed().as_millis() as u64;
     if let Some(e) = &record.error {
         tracing::debug!(conn_id = record.conn_id, error = %e, "connection ended with an error");
     }
-    shared
-        .audit
-        .record(AuditRecord::Connection(Box::new(record)));
+    shared.audit.record(AuditRecord::Connection(Box::new(record)));
 }

@@ -31,15 +31,8 @@ fn new_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 }
 
 fn splice_nb(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
-    splice(
-        from,
-        None,
-        to,
-        None,
-        len,
-        SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK,
-    )
-    .map_err(io::Error::from)
+    splice(from, None, to, None, len, SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK)
+        .map_err(io::Error::from)
 }
 
 async fn one_way(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
@@ -49,9 +42,9 @@ async fn one_way(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
         // Fill the (empty) pipe from the source socket.
         let n = loop {
             from.readable().await?;
-            match from.try_io(Interest::READABLE, || {
-                splice_nb(from.as_fd(), pipe_w.as_fd(), PIPE_SIZE as usize)
-            }) {
+            match from
+                .try_io(Interest::READABLE, || splice_nb(from.as_fd(), pipe_w.as_fd(), PIPE_SIZE as usize))
+            {
                 Ok(n) => break n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e),
@@ -66,9 +59,7 @@ async fn one_way(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
         let mut left = n;
         while left > 0 {
             to.writable().await?;
-            match to.try_io(Interest::WRITABLE, || {
-                splice_nb(pipe_r.as_fd(), to.as_fd(), left)
-            }) {
+            match to.try_io(Interest::WRITABLE, || splice_nb(pipe_r.as_fd(), to.as_fd(), left)) {
                 Ok(m) => left -= m,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e),

@@ -35,14 +35,7 @@ pub mod maps {
     /// `LruHashMap<PeerKey, ConnRecord>`: written by sock_ops, read (and deleted) by the daemon.
     pub const BY_PEER: &str = "WL_BY_PEER";
     /// Every map of the object, for pinning (`intercept.fail = "closed"`).
-    pub const ALL: [&str; 6] = [
-        SETTINGS,
-        PORTS,
-        EXEMPT_CGROUPS,
-        EXCLUDED,
-        BY_COOKIE,
-        BY_PEER,
-    ];
+    pub const ALL: [&str; 6] = [SETTINGS, PORTS, EXEMPT_CGROUPS, EXCLUDED, BY_COOKIE, BY_PEER];
 }
 
 /// Names of the programs in the eBPF object.

@@ -1,0 +1,481 @@
+//! HTTP on a terminated (or plain) connection: one hyper server per connection, one pass of
+//! the request path per request.
+//!
+//! Per request: check that the host the agent names (Host or `:authority`) is the host the
+//! connection is bound to (421 otherwise; nothing goes upstream), drop hop-by-hop headers,
+//! forward to the original destination over verified TLS (or plain HTTP on a plain
+//! connection) with the pooled client, stream the response back frame by frame, relay
+//! upgrades (WebSocket), and write one audit record when the response body ends.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use bytes::Bytes;
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::{
+    body::{Body, Frame, Incoming, SizeHint},
+    header::{self, HeaderMap, HeaderName, HeaderValue},
+    service::service_fn,
+    Request, Response, StatusCode, Uri, Version,
+};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::json;
+
+use super::Shared;
+use crate::{
+    audit::{AuditLog, AuditRecord, RequestRecord},
+    intercept::identity::AgentIdentity,
+};
+
+/// What the agent gets back.
+pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+
+/// How the connection reached wl.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scheme {
+    /// TLS terminated by wl; forwarded over verified TLS.
+    Https,
+    /// Plain HTTP; forwarded in plain HTTP, never with a credential.
+    Http,
+}
+
+/// Everything the requests of one connection share.
+#[derive(Debug)]
+pub struct ConnContext {
+    /// Daemon-local connection number.
+    pub conn_id: u64,
+    /// Who is calling, when known.
+    pub agent: Option<AgentIdentity>,
+    /// The host this connection is bound to (its SNI, or the reverse listener's API host).
+    /// `None` on plain HTTP, where each request's Host names it.
+    pub bound_host: Option<String>,
+    /// When set (reverse listeners), requests go to this host whatever the agent's Host.
+    pub fixed_host: bool,
+    /// Where to connect.
+    pub dst: SocketAddr,
+    /// How requests are forwarded.
+    pub scheme: Scheme,
+    /// The parts.
+    pub shared: Arc<Shared>,
+    requests: AtomicU64,
+}
+
+impl ConnContext {
+    /// A context for one connection.
+    pub fn new(
+        conn_id: u64,
+        agent: Option<AgentIdentity>,
+        bound_host: Option<String>,
+        fixed_host: bool,
+        dst: SocketAddr,
+        scheme: Scheme,
+        shared: Arc<Shared>,
+    ) -> Self {
+        Self { conn_id, agent, bound_host, fixed_host, dst, scheme, shared, requests: AtomicU64::new(0) }
+    }
+
+    /// Requests served so far.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+}
+
+/// Serves HTTP/1.1 and HTTP/2 (with upgrades) on `io` until the client is done.
+pub async fn serve<IO>(io: IO, ctx: Arc<ConnContext>) -> Result<(), String>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req| {
+        let ctx = ctx.clone();
+        async move { Ok::<_, Infallible>(handle(req, ctx).await) }
+    });
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(std::time::Duration::from_secs(60));
+    builder.serve_connection_with_upgrades(TokioIo::new(io), service).await.map_err(|e| e.to_string())
+}
+
+/// Lower-cased host without port or trailing dot.
+pub fn normalize_host(authority: &str) -> String {
+    let host = if authority.starts_with('[') {
+        authority.split_once(']').map(|(h, _)| &h[1..]).unwrap_or(authority)
+    } else {
+        authority
+            .rsplit_once(':')
+            .filter(|(_, p)| p.chars().all(|c| c.is_ascii_digit()))
+            .map(|(h, _)| h)
+            .unwrap_or(authority)
+    };
+    host.trim_end_matches('.').to_ascii_lowercase()
+}
+
+fn requested_authority(req: &Request<Incoming>) -> Option<String> {
+    req.uri()
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned))
+}
+
+async fn handle(mut req: Request<Incoming>, ctx: Arc<ConnContext>) -> Response<ProxyBody> {
+    let started = Instant::now();
+    let n = ctx.requests.fetch_add(1, Ordering::Relaxed) + 1;
+    let request_id = format!("wl-{}-{}", ctx.conn_id, n);
+    let mut record = RequestRecord {
+        conn_id: ctx.conn_id,
+        request_id: request_id.clone(),
+        agent: ctx.agent.clone(),
+        method: req.method().to_string(),
+        host: String::new(),
+        path: req.uri().path().to_owned(),
+        status: 0,
+        bytes_up: 0,
+        bytes_down: 0,
+        duration_ms: 0,
+        proto_agent: format!("{:?}", req.version()),
+        proto_upstream: None,
+        error: None,
+    };
+
+    // Which host is this request for, and may it go there?
+    let named = requested_authority(&req).map(|a| normalize_host(&a));
+    let host = match (&ctx.bound_host, named) {
+        (Some(bound), _) if ctx.fixed_host => bound.clone(),
+        (Some(bound), Some(named)) if *bound == named => bound.clone(),
+        (Some(bound), named) => {
+            let msg = format!(
+                "request names host `{}` but this connection was opened for `{bound}`",
+                named.as_deref().unwrap_or("(none)")
+            );
+            record.host = named.unwrap_or_default();
+            return finish_error(
+                &ctx.shared.audit,
+                record,
+                started,
+                StatusCode::MISDIRECTED_REQUEST,
+                "wl_misdirected_request",
+                msg,
+            );
+        }
+        (None, Some(named)) => named,
+        (None, None) => {
+            return finish_error(
+                &ctx.shared.audit,
+                record,
+                started,
+                StatusCode::BAD_REQUEST,
+                "wl_bad_request",
+                "request has no Host".into(),
+            );
+        }
+    };
+    record.host = host.clone();
+
+    let upgrade = is_upgrade(req.headers()) && req.version() == Version::HTTP_11;
+    let agent_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+
+    // Build the upstream request.
+    let port = ctx.dst.port();
+    let (scheme, default_port) = match ctx.scheme {
+        Scheme::Https => ("https", 443),
+        Scheme::Http => ("http", 80),
+    };
+    let authority = if port == default_port { host.clone() } else { format!("{host}:{port}") };
+    let path = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let uri: Uri = match format!("{scheme}://{authority}{path}").parse() {
+        Ok(u) => u,
+        Err(e) => {
+            return finish_error(
+                &ctx.shared.audit,
+                record,
+                started,
+                StatusCode::BAD_REQUEST,
+                "wl_bad_request",
+                format!("invalid request target: {e}"),
+            )
+        }
+    };
+    let (mut parts, body) = req.into_parts();
+    let up_counter = Arc::new(AtomicU64::new(0));
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    parts.headers.remove(header::HOST);
+    parts.uri = uri;
+    parts.version = Version::HTTP_11;
+    let body = Counted::new(body, up_counter.clone());
+    let upstream_req = Request::from_parts(parts, body);
+
+    let pools = ctx.shared.upstreams.pools(&host, port, ctx.dst);
+    let result = match (ctx.scheme, upgrade) {
+        (Scheme::Https, false) => pools.tls.request(upstream_req).await,
+        (Scheme::Https, true) => pools.tls_h1.request(upstream_req).await,
+        (Scheme::Http, _) => pools.plain.request(upstream_req).await,
+    };
+    let mut resp = match result {
+        Ok(r) => r,
+        Err(e) => {
+            let msg = format!("upstream {host} ({}): {}", ctx.dst, error_chain(&e));
+            tracing::warn!(request_id, error = %msg, "upstream failed");
+            record.bytes_up = up_counter.load(Ordering::Relaxed);
+            return finish_error(
+                &ctx.shared.audit,
+                record,
+                started,
+                StatusCode::BAD_GATEWAY,
+                "wl_upstream_error",
+                msg,
+            );
+        }
+    };
+    record.status = resp.status().as_u16();
+    record.proto_upstream = Some(format!("{:?}", resp.version()));
+
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(agent_upgrade) = agent_upgrade {
+            let upstream_upgrade = hyper::upgrade::on(&mut resp);
+            let rid = request_id.clone();
+            tokio::spawn(async move {
+                match tokio::try_join!(agent_upgrade, upstream_upgrade) {
+                    Ok((a, u)) => {
+                        let (mut a, mut u) = (TokioIo::new(a), TokioIo::new(u));
+                        let _ = tokio::io::copy_bidirectional(&mut a, &mut u).await;
+                    }
+                    Err(e) => tracing::warn!(request_id = rid, error = %e, "upgrade failed"),
+                }
+            });
+        }
+    } else {
+        strip_hop_by_hop(resp.headers_mut(), false);
+    }
+    let (parts, body) = resp.into_parts();
+    let body = Audited::new(body, ctx.shared.audit.clone(), record, started, up_counter);
+    Response::from_parts(parts, body.boxed())
+}
+
+fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade"))))
+}
+
+/// Removes headers that describe one hop, not the message (RFC 9110 §7.6.1); for an
+/// upgrade, `Connection: upgrade` and `Upgrade` are kept.
+fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|s| s.split(',').map(|t| t.trim().to_ascii_lowercase()))
+        .filter(|t| !(keep_upgrade && t == "upgrade"))
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+        .collect();
+    for name in listed {
+        headers.remove(name);
+    }
+    for name in [
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+    ] {
+        headers.remove(name);
+    }
+    if keep_upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::CONNECTION);
+        headers.remove(header::UPGRADE);
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cur = s.source();
+    }
+    out
+}
+
+/// A JSON error shaped like the APIs' own: `{"error": {"type", "message", "request_id"}}`.
+pub fn json_error(status: StatusCode, kind: &str, message: &str, request_id: &str) -> Response<ProxyBody> {
+    let body = json!({"error": {"type": kind, "message": message, "request_id": request_id}}).to_string();
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header("x-wl-request-id", request_id)
+        .body(Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed())
+        .expect("static response parts are valid")
+}
+
+fn finish_error(
+    audit: &AuditLog,
+    mut record: RequestRecord,
+    started: Instant,
+    status: StatusCode,
+    kind: &str,
+    message: String,
+) -> Response<ProxyBody> {
+    record.status = status.as_u16();
+    record.duration_ms = started.elapsed().as_millis() as u64;
+    let resp = json_error(status, kind, &message, &record.request_id);
+    record.error = Some(message);
+    audit.record(AuditRecord::Request(Box::new(record)));
+    resp
+}
+
+/// A request body that counts the bytes it passes on.
+pub struct Counted<B> {
+    inner: B,
+    count: Arc<AtomicU64>,
+}
+
+impl<B> Counted<B> {
+    fn new(inner: B, count: Arc<AtomicU64>) -> Self {
+        Self { inner, count }
+    }
+}
+
+impl<B: Body<Data = Bytes> + Unpin> Body for Counted<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let poll = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &poll {
+            if let Some(data) = frame.data_ref() {
+                self.count.fetch_add(data.len() as u64, Ordering::Relaxed);
+            }
+        }
+        poll
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A response body that streams through and writes the request's audit record when it
+/// ends (or is dropped by a client that went away).
+struct Audited {
+    inner: Incoming,
+    pending: Option<(AuditLog, RequestRecord, Instant, Arc<AtomicU64>)>,
+    bytes: u64,
+}
+
+impl Audited {
+    fn new(
+        inner: Incoming,
+        audit: AuditLog,
+        record: RequestRecord,
+        started: Instant,
+        up: Arc<AtomicU64>,
+    ) -> Self {
+        Self { inner, pending: Some((audit, record, started, up)), bytes: 0 }
+    }
+
+    fn finish(&mut self, error: Option<String>) {
+        if let Some((audit, mut record, started, up)) = self.pending.take() {
+            record.bytes_down = self.bytes;
+            record.bytes_up = up.load(Ordering::Relaxed);
+            record.duration_ms = started.elapsed().as_millis() as u64;
+            record.error = error;
+            audit.record(AuditRecord::Request(Box::new(record)));
+        }
+    }
+}
+
+impl Body for Audited {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let poll = Pin::new(&mut self.inner).poll_frame(cx);
+        match &poll {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    self.bytes += d.len() as u64;
+                }
+            }
+            Poll::Ready(Some(Err(e))) => {
+                let msg = format!("upstream body: {e}");
+                self.finish(Some(msg));
+            }
+            Poll::Ready(None) => self.finish(None),
+            Poll::Pending => {}
+        }
+        poll
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Audited {
+    fn drop(&mut self) {
+        if self.pending.is_some() {
+            let done = self.inner.is_end_stream();
+            self.finish(if done { None } else { Some("client went away before the response ended".into()) });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_are_normalized() {
+        assert_eq!(normalize_host("API.OpenAI.com"), "api.openai.com");
+        assert_eq!(normalize_host("api.openai.com.:443"), "api.openai.com");
+        assert_eq!(normalize_host("[::1]:8443"), "::1");
+        assert_eq!(normalize_host("localhost"), "localhost");
+    }
+
+    #[test]
+    fn hop_by_hop_headers_go() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret-hop"));
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key(header::CONTENT_TYPE));
+    }
+}
