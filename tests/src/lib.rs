@@ -4,7 +4,9 @@
 //! fails with a message saying so, it never skips. Everything a test creates (cgroups,
 //! daemons, servers, pinned objects, files) is removed by `Drop`, also when the test fails.
 
+pub mod agents;
 pub mod clients;
+pub mod pki;
 pub mod servers;
 
 use std::{

@@ -1,0 +1,228 @@
+//! TLS interception end to end: real clients (curl, python requests, the official openai
+//! SDK, Node's fetch) in an intercepted cgroup reach a fake API under its real name with no
+//! proxy variables and no base-URL change; wl terminates their TLS with the beacon CA and
+//! forwards over TLS verified against the (test) public root.
+
+use std::path::Path;
+
+use serde_json::Value;
+use wl_e2e::{
+    agents::{fixture, json_of, output, venv_python, AgentView, FakeApi},
+    pki::{self_signed, TestRoot},
+    Daemon, DaemonConfig, DaemonHome, TestCgroup,
+};
+
+const API: &str = "api.openai.com";
+
+/// A daemon governing port 443 for `cg`, trusting `root` for upstreams.
+fn start_daemon(home: &DaemonHome, cg: &TestCgroup, root: &Path, extra: &str) -> Daemon {
+    let mut cfg = DaemonConfig::new(cg, &[443, 80]);
+    cfg.extra = format!(
+        "[tls]\nupstream_extra_roots = [{:?}]\nhandshake_timeout = \"3s\"\n{extra}",
+        root.display().to_string()
+    );
+    Daemon::start(home, &cfg)
+}
+
+fn beacon_ca(home: &DaemonHome) -> std::path::PathBuf {
+    home.dir.path().join("state/ca/beacon-ca.pem")
+}
+
+fn requests_for(api: &FakeApi, path: &str) -> Vec<Value> {
+    api.entries("request")
+        .into_iter()
+        .filter(|r| r["path"].as_str().is_some_and(|p| p.starts_with(path)))
+        .collect()
+}
+
+#[test]
+fn real_clients_reach_the_api_through_wl_unchanged() {
+    let cg = TestCgroup::new("sdk");
+    let home = DaemonHome::new();
+    let dir = home.dir.path();
+    let root = TestRoot::new(dir);
+    let api = FakeApi::start(dir, "127.0.1.1", &root.server_cert("api", &[API], false));
+    let _daemon = start_daemon(&home, &cg, &root.cert, "");
+    let view = AgentView::new(dir, &[(API, "127.0.1.1")], &[&beacon_ca(&home)]);
+    let url = format!("https://{API}/v1/models");
+
+    // The reference: a direct call, trusting the test root, outside the cgroup.
+    let direct = output(std::process::Command::new("curl").args(["-sS", "--cacert"]).arg(&root.cert).args([
+        "--resolve",
+        &format!("{API}:443:127.0.1.1"),
+        &url,
+    ]));
+    assert!(direct.status.success(), "direct: {}", String::from_utf8_lossy(&direct.stderr));
+
+    // curl, HTTP/1.1 and HTTP/2.
+    for flag in ["--http1.1", "--http2"] {
+        let out = output(view.command(Some(&cg), "curl").args(["-sS", flag, &url]));
+        assert!(out.status.success(), "curl {flag}: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(out.stdout, direct.stdout, "curl {flag}: body differs from direct");
+    }
+    // python requests, Node's fetch.
+    let r = json_of(view.command(Some(&cg), venv_python()).arg(fixture("requests_client.py")).arg(&url));
+    assert_eq!(r["status"], 200, "{r}");
+    assert_eq!(r["body"].as_str().unwrap().as_bytes(), direct.stdout.as_slice());
+    let r = json_of(view.command(Some(&cg), "node").arg(fixture("fetch_client.mjs")).arg(&url));
+    assert_eq!(r["status"], 200, "{r}");
+    assert_eq!(r["body"].as_str().unwrap().as_bytes(), direct.stdout.as_slice());
+    // The official openai SDK.
+    let r = json_of(
+        view.command(Some(&cg), venv_python()).arg(fixture("openai_client.py")).args(["chat", "gpt-4o-mini"]),
+    );
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["content"], "hello from the fake API (gpt-4o-mini)");
+
+    // The upstream saw every request (four through wl, one direct), under its own name.
+    assert_eq!(requests_for(&api, "/v1/models").len(), 5, "{:?}", api.entries("request"));
+    assert!(api.entries("request").iter().all(|r| r["host"] == API), "{:?}", api.entries("request"));
+    // One audit record per request with the agent's identity; curl --http2 spoke HTTP/2.
+    // Five through wl: curl twice, requests, fetch, the SDK (the direct call was not).
+    home.wait_audit("for the fifth request", |_| {
+        home.audit_records().iter().filter(|r| r["kind"] == "request").count() >= 5
+    });
+    let records: Vec<Value> = home.audit_records().into_iter().filter(|r| r["kind"] == "request").collect();
+    assert_eq!(records.len(), 5, "{}", serde_json::to_string_pretty(&records).unwrap());
+    assert!(records
+        .iter()
+        .all(|r| r["host"] == API && r["status"] == 200 && r["agent"]["cgroup"] == cg.name.as_str()));
+    assert!(
+        records.iter().any(|r| r["proto_agent"] == "HTTP/2.0" && r["agent"]["comm"] == "curl"),
+        "{records:#?}"
+    );
+    let conns: Vec<Value> = home.audit_records().into_iter().filter(|r| r["kind"] == "connection").collect();
+    assert!(conns.iter().all(|c| c["action"] == "terminate" && c["host"] == API), "{conns:#?}");
+
+    // The CA key is private.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir.join("state/ca/beacon-ca.key")).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+}
+
+#[test]
+fn server_sent_events_stream_event_by_event() {
+    let cg = TestCgroup::new("sse");
+    let home = DaemonHome::new();
+    let dir = home.dir.path();
+    let root = TestRoot::new(dir);
+    let api = FakeApi::start(dir, "127.0.1.2", &root.server_cert("api", &[API], false));
+    let _daemon = start_daemon(&home, &cg, &root.cert, "");
+    let view = AgentView::new(dir, &[(API, "127.0.1.2")], &[&beacon_ca(&home)]);
+    let r = json_of(
+        view.command(Some(&cg), venv_python())
+            .arg(fixture("openai_client.py"))
+            .args(["stream", "gpt-4o-mini"]),
+    );
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["content"], "part0 part1 part2 part3 part4 ");
+    let chunks = api.entries("chunk");
+    let last_sent = chunks.iter().map(|c| c["t"].as_f64().unwrap()).fold(0.0, f64::max);
+    let first_received = r["first_chunk_at"].as_f64().unwrap();
+    assert!(
+        first_received < last_sent,
+        "first event arrived at {first_received}, after the last was sent at {last_sent}: buffered"
+    );
+}
+
+#[test]
+fn host_that_disagrees_with_sni_gets_421_and_nothing_goes_upstream() {
+    let cg = TestCgroup::new("misdirect");
+    let home = DaemonHome::new();
+    let dir = home.dir.path();
+    let root = TestRoot::new(dir);
+    let api = FakeApi::start(dir, "127.0.1.3", &root.server_cert("api", &[API], false));
+    let _daemon = start_daemon(&home, &cg, &root.cert, "");
+    let view = AgentView::new(dir, &[(API, "127.0.1.3")], &[&beacon_ca(&home)]);
+    let out = output(view.command(Some(&cg), "curl").args([
+        "-sS",
+        "--http1.1",
+        "-H",
+        "Host: api.anthropic.com",
+        "-w",
+        "\n%{http_code}",
+        &format!("https://{API}/v1/models"),
+    ]));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.ends_with("\n421"), "{text}");
+    assert!(text.contains("wl_misdirected_request"), "{text}");
+    assert!(api.entries("request").is_empty(), "the upstream received {:?}", api.entries("request"));
+}
+
+#[test]
+fn upstream_certificates_that_fail_verification_get_502() {
+    let cg = TestCgroup::new("badup");
+    let home = DaemonHome::new();
+    let dir = home.dir.path();
+    let root = TestRoot::new(dir);
+    let cases = [
+        (
+            "wrong name",
+            "127.0.1.4",
+            root.server_cert("wrongname", &["api.example.net"], false),
+            "not valid for name",
+        ),
+        ("expired", "127.0.1.5", root.server_cert("expired", &[API], true), "expired"),
+        ("self-signed", "127.0.1.6", self_signed(dir, "selfsigned", &[API]), "issuer"),
+    ];
+    let _daemon = start_daemon(&home, &cg, &root.cert, "");
+    for (what, ip, cert, reason) in cases {
+        let api = FakeApi::start(dir, ip, &cert);
+        let view = AgentView::new(dir, &[(API, ip)], &[&beacon_ca(&home)]);
+        let out = output(view.command(Some(&cg), "curl").args([
+            "-sS",
+            "-w",
+            "\n%{http_code}",
+            &format!("https://{API}/v1/models"),
+        ]));
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.ends_with("\n502"), "{what}: {text}");
+        assert!(text.contains("wl_upstream_error") && text.to_lowercase().contains(reason), "{what}: {text}");
+        assert!(api.entries("request").is_empty(), "{what}: forwarded {:?}", api.entries("request"));
+    }
+}
+
+#[test]
+fn a_client_that_does_not_trust_the_beacon_ca_fails_its_handshake() {
+    let cg = TestCgroup::new("untrusted");
+    let home = DaemonHome::new();
+    let dir = home.dir.path();
+    let root = TestRoot::new(dir);
+    let api = FakeApi::start(dir, "127.0.1.7", &root.server_cert("api", &[API], false));
+    let _daemon = start_daemon(&home, &cg, &root.cert, "");
+    // Trusts the machine's store only, not the beacon CA.
+    let view = AgentView::new(dir, &[(API, "127.0.1.7")], &[]);
+    let out = output(view.command(Some(&cg), "curl").args(["-sS", &format!("https://{API}/v1/models")]));
+    assert_eq!(
+        out.status.code(),
+        Some(60),
+        "curl should fail certificate verification: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(api.entries("request").is_empty());
+}
+
+#[test]
+fn ungoverned_hosts_are_spliced_with_their_own_certificate() {
+    let cg = TestCgroup::new("ungoverned");
+    let home = DaemonHome::new();
+    let dir = home.dir.path();
+    let root = TestRoot::new(dir);
+    let api = FakeApi::start(dir, "127.0.1.8", &root.server_cert("other", &["other.example"], false));
+    let _daemon = start_daemon(&home, &cg, &root.cert, "");
+    let view = AgentView::new(dir, &[("other.example", "127.0.1.8")], &[]);
+    // Trusting only the test root: it succeeds only if the upstream's own certificate arrives.
+    let out = output(
+        view.command(Some(&cg), "curl")
+            .arg("-sS")
+            .arg("--cacert")
+            .arg(&root.cert)
+            .arg("https://other.example/v1/models"),
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(api.entries("request").len(), 1);
+    let conn = home.wait_audit("for the spliced connection", |r| {
+        r["kind"] == "connection" && r["host"] == "other.example"
+    });
+    assert_eq!(conn["action"], "splice", "{conn}");
+}
