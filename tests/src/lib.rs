@@ -261,12 +261,18 @@ impl Daemon {
 
     /// Like [`Daemon::start`], with the daemon itself running inside `cgroup` when given.
     pub fn start_in(home: &DaemonHome, cfg: &DaemonConfig, cgroup: Option<&TestCgroup>) -> Self {
-        require_root();
-        let config = home.write_config(cfg);
-        let mut cmd = match cgroup {
+        let cmd = match cgroup {
             Some(cg) => cg.command(bin("wl-daemon")),
             None => Command::new(bin("wl-daemon")),
         };
+        Self::start_cmd(home, cfg, cmd)
+    }
+
+    /// Like [`Daemon::start`], with `cmd` (which runs `wl-daemon` or wraps it and appends
+    /// its arguments) as the command line.
+    pub fn start_cmd(home: &DaemonHome, cfg: &DaemonConfig, mut cmd: Command) -> Self {
+        require_root();
+        let config = home.write_config(cfg);
         cmd.arg("run").arg("--config").arg(&config);
         cmd.env("WL_LOG", "info,wl_kernel=debug")
             .env("NO_COLOR", "1")

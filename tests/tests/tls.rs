@@ -226,3 +226,170 @@ fn ungoverned_hosts_are_spliced_with_their_own_certificate() {
     });
     assert_eq!(conn["action"], "splice", "{conn}");
 }
+
+#[test]
+fn the_sdk_works_through_the_reverse_and_connect_listeners() {
+    let home = DaemonHome::new();
+    let dir = home.dir.path();
+    let cg = TestCgroup::new("explicit");
+    let root = TestRoot::new(dir);
+    let api = FakeApi::start(dir, "127.0.1.9", &root.server_cert("api", &[API], false));
+    let reverse_port = wl_e2e::free_port("127.0.0.1");
+    let connect_port = wl_e2e::free_port("127.0.0.1");
+    let mut cfg = DaemonConfig::new(&cg, &[443]);
+    cfg.extra = format!(
+        "[tls]\nupstream_extra_roots = [{root:?}]\n\n[[reverse]]\nlisten = \"127.0.0.1:{reverse_port}\"\n\
+         host = \"{API}\"\nserver_names = [\"localhost\"]\nupstream = \"127.0.1.9:443\"\n\n\
+         [connect]\nlisten = \"127.0.0.1:{connect_port}\"\n",
+        root = root.cert.display().to_string()
+    );
+    // The daemon resolves api.openai.com for CONNECT through its own view of /etc/hosts.
+    let daemon_view = AgentView::new(dir, &[(API, "127.0.1.9")], &[]);
+    let mut wrapper = daemon_view.command(None, wl_e2e::bin("wl-daemon"));
+    wrapper.env_remove("OPENAI_API_KEY");
+    let _daemon = Daemon::start_cmd(&home, &cfg, wrapper);
+
+    // Agents outside any intercepted cgroup, trusting the beacon CA, with one variable set.
+    let view = AgentView::new(dir, &[], &[&beacon_ca(&home)]);
+    let sdk = |var: &str, value: String| {
+        json_of(
+            view.command(None, venv_python())
+                .arg(fixture("openai_client.py"))
+                .args(["chat", "gpt-4o-mini"])
+                .env(var, value),
+        )
+    };
+    let r = sdk("OPENAI_BASE_URL", format!("https://localhost:{reverse_port}/v1"));
+    assert_eq!(r["ok"], true, "reverse listener: {r}");
+    assert_eq!(r["content"], "hello from the fake API (gpt-4o-mini)");
+    let r = sdk("HTTPS_PROXY", format!("http://127.0.0.1:{connect_port}"));
+    assert_eq!(r["ok"], true, "CONNECT listener: {r}");
+    assert_eq!(requests_for(&api, "/v1/chat/completions").len(), 2);
+    assert!(api.entries("request").iter().all(|r| r["host"] == API));
+
+    // Both are audited with the agent's identity, found from its socket.
+    home.wait_audit("for two requests", |_| {
+        home.audit_records().iter().filter(|r| r["kind"] == "request").count() >= 2
+    });
+    let reqs: Vec<Value> = home.audit_records().into_iter().filter(|r| r["kind"] == "request").collect();
+    for r in &reqs {
+        assert_eq!(r["host"], API, "{r}");
+        assert_eq!(r["agent"]["uid"], 0, "{r}");
+        assert!(r["agent"]["comm"].as_str().unwrap().starts_with("python"), "{r}");
+    }
+}
+
+#[test]
+fn hostile_client_hellos_end_only_their_own_connection() {
+    let cg = TestCgroup::new("hostile");
+    let home = DaemonHome::new();
+    let dir = home.dir.path();
+    let root = TestRoot::new(dir);
+    let api = FakeApi::start(dir, "127.0.1.10", &root.server_cert("api", &[API], false));
+    let _daemon = start_daemon(&home, &cg, &root.cert, "");
+    let view = AgentView::new(dir, &[(API, "127.0.1.10")], &[&beacon_ca(&home)]);
+    let beacon = beacon_ca(&home);
+    let run = |mode: &str| {
+        json_of(
+            view.command(Some(&cg), "python3")
+                .arg(fixture("hostile.py"))
+                .args([mode, API, "443"])
+                .arg(&beacon),
+        )
+    };
+    // A ClientHello in 3-byte pieces is still a ClientHello.
+    let r = run("split");
+    assert!(r["response"].as_str().is_some_and(|b| b.starts_with("HTTP/1.1 200")), "{r}");
+    // Garbage, an oversized hello and a stalled one end their connection, within the
+    // configured handshake timeout (3 s) for the stalled one.
+    for mode in ["garbage", "oversized", "truncated"] {
+        let r = run(mode);
+        assert_ne!(r["closed"], "still open", "{r}");
+        assert!(r["after"].as_f64().unwrap() < 6.0, "{r}");
+    }
+    // And the daemon keeps serving.
+    let out = output(view.command(Some(&cg), "curl").args(["-sS", &format!("https://{API}/v1/models")]));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(requests_for(&api, "/v1/models").len(), 2);
+    let errors: Vec<String> = home
+        .audit_records()
+        .iter()
+        .filter(|r| r["kind"] == "connection")
+        .filter_map(|r| r["error"].as_str().map(str::to_owned))
+        .collect();
+    assert!(errors.iter().any(|e| e.contains("neither TLS nor HTTP")), "{errors:?}");
+    assert!(errors.iter().any(|e| e.contains("no complete TLS ClientHello")), "{errors:?}");
+}
+
+#[test]
+fn websocket_upgrades_are_relayed() {
+    let cg = TestCgroup::new("ws");
+    let home = DaemonHome::new();
+    let dir = home.dir.path();
+    let root = TestRoot::new(dir);
+    let cert = root.server_cert("ws", &[API], false);
+    let mut server = std::process::Command::new(venv_python())
+        .arg(fixture("ws_echo.py"))
+        .args(["serve", "127.0.1.11", "443"])
+        .arg(&cert.cert)
+        .arg(&cert.key)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(server.stdout.take().unwrap()), &mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "ready");
+    let _daemon = start_daemon(&home, &cg, &root.cert, "");
+    let view = AgentView::new(dir, &[(API, "127.0.1.11")], &[&beacon_ca(&home)]);
+    let r = json_of(
+        view.command(Some(&cg), venv_python())
+            .arg(fixture("ws_echo.py"))
+            .args(["client", &format!("wss://{API}/ws")]),
+    );
+    let _ = server.kill();
+    let _ = server.wait();
+    assert_eq!(r["echoes"], serde_json::json!(["hello", "wl"]), "{r}");
+    let rec = home.wait_audit("for the upgrade", |r| r["kind"] == "request" && r["status"] == 101);
+    assert_eq!(rec["host"], API);
+}
+
+#[test]
+fn plain_http_to_a_governed_host_goes_through_the_pipeline() {
+    let cg = TestCgroup::new("plain");
+    let home = DaemonHome::new();
+    let dir = home.dir.path();
+    let root = TestRoot::new(dir);
+    let site = dir.join("site");
+    std::fs::create_dir(&site).unwrap();
+    std::fs::write(site.join("hello.txt"), "plain hello\n").unwrap();
+    let mut server = std::process::Command::new("python3")
+        .args(["-m", "http.server", "--bind", "127.0.1.12", "80", "--directory"])
+        .arg(&site)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let _daemon = start_daemon(&home, &cg, &root.cert, "");
+    let view = AgentView::new(dir, &[(API, "127.0.1.12")], &[]);
+    let mut body = None;
+    for _ in 0..50 {
+        let out = output(view.command(Some(&cg), "curl").args([
+            "-sS",
+            "--fail",
+            &format!("http://{API}/hello.txt"),
+        ]));
+        if out.status.success() {
+            body = Some(out.stdout);
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+    assert_eq!(body.as_deref(), Some(&b"plain hello\n"[..]));
+    let rec = home.wait_audit("for the plain request", |r| r["kind"] == "request" && r["status"] == 200);
+    assert_eq!(rec["host"], API);
+    assert_eq!(rec["path"], "/hello.txt");
+    home.wait_audit("for the plain connection", |r| r["kind"] == "connection" && r["action"] == "http");
+}

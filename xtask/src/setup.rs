@@ -152,14 +152,18 @@ fn debian_packages() -> anyhow::Result<()> {
     )
 }
 
-/// A virtualenv with the Python clients agents use (`requests`, the official `openai` SDK).
+/// A virtualenv with the Python clients agents use (`requests`, the official `openai` SDK,
+/// `websockets`).
 fn python_clients(cache: &Path) -> anyhow::Result<()> {
     let venv = cache.join("py");
     let python = venv.join("bin/python");
-    if succeeds(Command::new(&python).args(["-c", "import requests, openai"])) {
+    if succeeds(Command::new(&python).args(["-c", "import requests, openai, websockets"])) {
         return Ok(());
     }
-    say("python", &format!("creating {} with requests and openai (test clients)", venv.display()));
+    say(
+        "python",
+        &format!("creating {} with requests, openai and websockets (test clients)", venv.display()),
+    );
     run_cmd(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
     run_cmd(Command::new(venv.join("bin/pip")).args([
         "install",
@@ -167,5 +171,6 @@ fn python_clients(cache: &Path) -> anyhow::Result<()> {
         "--disable-pip-version-check",
         "requests",
         "openai",
+        "websockets",
     ]))
 }
