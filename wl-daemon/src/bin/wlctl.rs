@@ -1,20 +1,31 @@
-//! `wlctl`: the operator's command line. It grows with each component; today it checks
-//! configuration files and reads the audit trail.
+//! `wlctl`: the operator's command line. It grows with each component; today it manages the
+//! beacon CA, checks configuration files and reads the audit trail.
 
 use std::{io::BufRead, path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
-use wl_daemon::config::Config;
+use wl_daemon::{config::Config, tls::ca};
+
+/// Where packaged installs keep the configuration.
+const DEFAULT_CONFIG: &str = "/etc/wl/wl.toml";
 
 #[derive(Parser)]
 #[command(name = "wlctl", version, about = "Operate wl on this host")]
 struct Cli {
+    /// Configuration file (default /etc/wl/wl.toml when it exists, else the built-in one).
+    #[arg(long, short, global = true)]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// The beacon CA agents trust for governed hosts.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
     /// Configuration files.
     Config {
         #[command(subcommand)]
@@ -25,6 +36,20 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Create the CA under state_dir if there is none (wl-daemon run also does).
+    Init,
+    /// Subject, SHA-256 fingerprint and validity.
+    Show,
+    /// The CA certificate (PEM) on stdout.
+    Export,
+    /// Add the CA to the system trust store (Debian: /usr/local/share/ca-certificates).
+    Install,
+    /// Remove it from the system trust store.
+    Uninstall,
 }
 
 #[derive(Subcommand)]
@@ -56,7 +81,15 @@ enum AuditCommand {
 }
 
 fn main() -> ExitCode {
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Ca { command } => match load_config(cli.config.as_deref()).and_then(|cfg| ca_command(command, &cfg)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("wlctl: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Config { command: ConfigCommand::Check { path } } => match Config::load(&path) {
             Ok(_) => {
                 println!("{}: ok", path.display());
@@ -97,4 +130,94 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
     }
+}
+
+fn load_config(path: Option<&std::path::Path>) -> Result<Config, String> {
+    match path {
+        Some(p) => Config::load(p).map_err(|e| e.to_string()),
+        None if std::path::Path::new(DEFAULT_CONFIG).exists() => {
+            Config::load(std::path::Path::new(DEFAULT_CONFIG)).map_err(|e| e.to_string())
+        }
+        None => Ok(Config::builtin()),
+    }
+}
+
+/// Where Debian's update-ca-certificates picks up local CAs.
+const LOCAL_CA_DIR: &str = "/usr/local/share/ca-certificates";
+const LOCAL_CA_FILE: &str = "wl-beacon-ca.crt";
+/// The bundle update-ca-certificates writes.
+const SYSTEM_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+fn ca_command(command: CaCommand, cfg: &Config) -> Result<(), String> {
+    let state = &cfg.state_dir;
+    let constraints = || if cfg.tls.ca_name_constraints { cfg.tls.governed_hosts.clone() } else { Vec::new() };
+    match command {
+        CaCommand::Init => {
+            if ca::cert_path(state).exists() {
+                println!("beacon CA already exists: {}", ca::cert_path(state).display());
+            } else {
+                ca::BeaconCa::create(state, &constraints()).map_err(|e| e.to_string())?;
+                println!("created beacon CA: {}", ca::cert_path(state).display());
+            }
+            show(&ca::BeaconCa::load(state).map_err(|e| e.to_string())?)
+        }
+        CaCommand::Show => show(&ca::BeaconCa::load(state).map_err(|e| e.to_string())?),
+        CaCommand::Export => {
+            print!("{}", ca::BeaconCa::load(state).map_err(|e| e.to_string())?.cert_pem());
+            Ok(())
+        }
+        CaCommand::Install => {
+            let ca = ca::BeaconCa::load(state).map_err(|e| e.to_string())?;
+            std::fs::create_dir_all(LOCAL_CA_DIR).map_err(|e| format!("creating {LOCAL_CA_DIR}: {e}"))?;
+            let dest = std::path::Path::new(LOCAL_CA_DIR).join(LOCAL_CA_FILE);
+            std::fs::write(&dest, ca.cert_pem()).map_err(|e| format!("writing {}: {e}", dest.display()))?;
+            update_ca_certificates()?;
+            println!("installed {} ({})", dest.display(), ca.fingerprint());
+            println!("Runtimes with their own trust stores need these in the agents' environment:");
+            for var in ["REQUESTS_CA_BUNDLE", "SSL_CERT_FILE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS", "AWS_CA_BUNDLE"] {
+                println!("  {var}={SYSTEM_BUNDLE}");
+            }
+            println!("  (Java: keytool -importcert -cacerts -alias wl-beacon -file {})", dest.display());
+            Ok(())
+        }
+        CaCommand::Uninstall => {
+            let dest = std::path::Path::new(LOCAL_CA_DIR).join(LOCAL_CA_FILE);
+            match std::fs::remove_file(&dest) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    println!("not installed ({} does not exist)", dest.display());
+                    return Ok(());
+                }
+                Err(e) => return Err(format!("removing {}: {e}", dest.display())),
+            }
+            update_ca_certificates()?;
+            println!("removed {}", dest.display());
+            Ok(())
+        }
+    }
+}
+
+fn update_ca_certificates() -> Result<(), String> {
+    let out = std::process::Command::new("update-ca-certificates")
+        .arg("--fresh")
+        .output()
+        .map_err(|e| format!("running update-ca-certificates: {e} (is the ca-certificates package installed?)"))?;
+    if !out.status.success() {
+        return Err(format!("update-ca-certificates failed: {}", String::from_utf8_lossy(&out.stderr).trim()));
+    }
+    Ok(())
+}
+
+fn show(ca: &ca::BeaconCa) -> Result<(), String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(ca.cert_der()).map_err(|e| format!("parsing the CA: {e}"))?;
+    println!("subject:     {}", cert.subject());
+    println!("fingerprint: SHA256 {}", ca.fingerprint());
+    println!("not before:  {}", cert.validity().not_before);
+    println!("not after:   {}", cert.validity().not_after);
+    if let Ok(Some(nc)) = cert.name_constraints() {
+        let names: Vec<String> =
+            nc.value.permitted_subtrees.iter().flatten().map(|s| s.base.to_string()).collect();
+        println!("limited to:  {}", names.join(", "));
+    }
+    Ok(())
 }
