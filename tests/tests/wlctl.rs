@@ -7,7 +7,11 @@ use wl_e2e::{bin, DaemonHome};
 
 fn wlctl(config: &std::path::Path, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(bin("wlctl")).arg("--config").arg(config).args(args).output().unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]
@@ -51,12 +55,24 @@ fn ca_init_show_export_install_uninstall() {
         config = config.display(),
         first = &body[..60],
     );
-    let out = Command::new("unshare").args(["-m", "--propagation", "private", "sh", "-c", &script]).output().unwrap();
+    let out = Command::new("unshare")
+        .args(["-m", "--propagation", "private", "sh", "-c", &script])
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("installed /usr/local/share/ca-certificates/wl-beacon-ca.crt"), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        text.contains("installed /usr/local/share/ca-certificates/wl-beacon-ca.crt"),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(text.contains("NODE_EXTRA_CA_CERTS=/etc/ssl/certs/ca-certificates.crt"), "{text}");
-    let counts: Vec<&str> = text.lines().filter(|l| l.chars().all(|c| c.is_ascii_digit()) && !l.is_empty()).collect();
-    assert_eq!(counts, vec!["1", "0"], "bundle should hold the CA after install and not after uninstall:\n{text}");
+    let counts: Vec<&str> =
+        text.lines().filter(|l| l.chars().all(|c| c.is_ascii_digit()) && !l.is_empty()).collect();
+    assert_eq!(
+        counts,
+        vec!["1", "0"],
+        "bundle should hold the CA after install and not after uninstall:\n{text}"
+    );
     // The machine's own store is untouched.
     assert!(!std::path::Path::new("/usr/local/share/ca-certificates/wl-beacon-ca.crt").exists());
 }

@@ -83,13 +83,15 @@ enum AuditCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Ca { command } => match load_config(cli.config.as_deref()).and_then(|cfg| ca_command(command, &cfg)) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("wlctl: {e}");
-                ExitCode::FAILURE
+        Command::Ca { command } => {
+            match load_config(cli.config.as_deref()).and_then(|cfg| ca_command(command, &cfg)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("wlctl: {e}");
+                    ExitCode::FAILURE
+                }
             }
-        },
+        }
         Command::Config { command: ConfigCommand::Check { path } } => match Config::load(&path) {
             Ok(_) => {
                 println!("{}: ok", path.display());
@@ -150,7 +152,8 @@ const SYSTEM_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 fn ca_command(command: CaCommand, cfg: &Config) -> Result<(), String> {
     let state = &cfg.state_dir;
-    let constraints = || if cfg.tls.ca_name_constraints { cfg.tls.governed_hosts.clone() } else { Vec::new() };
+    let constraints =
+        || if cfg.tls.ca_name_constraints { cfg.tls.governed_hosts.clone() } else { Vec::new() };
     match command {
         CaCommand::Init => {
             if ca::cert_path(state).exists() {
@@ -174,7 +177,13 @@ fn ca_command(command: CaCommand, cfg: &Config) -> Result<(), String> {
             update_ca_certificates()?;
             println!("installed {} ({})", dest.display(), ca.fingerprint());
             println!("Runtimes with their own trust stores need these in the agents' environment:");
-            for var in ["REQUESTS_CA_BUNDLE", "SSL_CERT_FILE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS", "AWS_CA_BUNDLE"] {
+            for var in [
+                "REQUESTS_CA_BUNDLE",
+                "SSL_CERT_FILE",
+                "CURL_CA_BUNDLE",
+                "NODE_EXTRA_CA_CERTS",
+                "AWS_CA_BUNDLE",
+            ] {
                 println!("  {var}={SYSTEM_BUNDLE}");
             }
             println!("  (Java: keytool -importcert -cacerts -alias wl-beacon -file {})", dest.display());
@@ -198,18 +207,21 @@ fn ca_command(command: CaCommand, cfg: &Config) -> Result<(), String> {
 }
 
 fn update_ca_certificates() -> Result<(), String> {
-    let out = std::process::Command::new("update-ca-certificates")
-        .arg("--fresh")
-        .output()
-        .map_err(|e| format!("running update-ca-certificates: {e} (is the ca-certificates package installed?)"))?;
+    let out = std::process::Command::new("update-ca-certificates").arg("--fresh").output().map_err(|e| {
+        format!("running update-ca-certificates: {e} (is the ca-certificates package installed?)")
+    })?;
     if !out.status.success() {
-        return Err(format!("update-ca-certificates failed: {}", String::from_utf8_lossy(&out.stderr).trim()));
+        return Err(format!(
+            "update-ca-certificates failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
     }
     Ok(())
 }
 
 fn show(ca: &ca::BeaconCa) -> Result<(), String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(ca.cert_der()).map_err(|e| format!("parsing the CA: {e}"))?;
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(ca.cert_der()).map_err(|e| format!("parsing the CA: {e}"))?;
     println!("subject:     {}", cert.subject());
     println!("fingerprint: SHA256 {}", ca.fingerprint());
     println!("not before:  {}", cert.validity().not_before);
