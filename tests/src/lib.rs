@@ -338,6 +338,13 @@ impl Daemon {
         self.terminate()
     }
 
+    /// SIGTERM; panics with the daemon's log unless it exits 0.
+    pub fn stop_ok(mut self) {
+        let status = self.terminate();
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(status.success(), "wl-daemon exited with {status}:\n{}", self.log_text());
+    }
+
     fn terminate(&mut self) -> ExitStatus {
         let mut child = self.child.take().expect("running");
         let pid = nix::unistd::Pid::from_raw(child.id() as i32);

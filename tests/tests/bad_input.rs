@@ -128,7 +128,7 @@ fn a_second_daemon_on_the_same_state_dir_is_refused() {
     let config = home.write_config(&cfg);
     assert_refused(&mut daemon_cmd(&config), &["another wl-daemon is already running"]);
     assert_eq!(cg.attached_programs().len(), 7, "the first daemon's programs only");
-    assert!(first.stop().success());
+    first.stop_ok();
     assert_nothing_left(&cg, &home);
 }
 

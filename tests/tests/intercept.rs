@@ -78,7 +78,7 @@ fn agents_in_the_cgroup_are_redirected_spliced_and_audited() {
     std::thread::sleep(std::time::Duration::from_millis(300));
     assert_eq!(home.audit_records().len(), before, "outside client was audited");
 
-    assert!(daemon.stop().success());
+    daemon.stop_ok();
 }
 
 #[test]
@@ -121,7 +121,7 @@ fn quic_to_443_is_refused_only_when_block_quic_is_on() {
     let out = python_json(Some(&cg), "udp_send.py", &["127.0.0.3", "444"]);
     assert_eq!(out["sendto"], "sent", "{out}");
     daemon.wait_log("refused udp to port 443");
-    assert!(daemon.stop().success());
+    daemon.stop_ok();
 
     cfg.block_quic = false;
     let _daemon = Daemon::start(&home, &cfg);
@@ -162,7 +162,7 @@ fn fail_open_detaches_on_sigterm() {
     let tcp = Upstream::tcp(home.dir.path(), "127.0.0.2", 0);
     let daemon = Daemon::start(&home, &DaemonConfig::new(&cg, &[tcp.addr.port()]));
     assert_eq!(cg.attached_programs().len(), 7, "{:?}", cg.attached_programs());
-    assert!(daemon.stop().success(), "SIGTERM should exit 0");
+    daemon.stop_ok();
     assert!(cg.attached_programs().is_empty(), "left attached: {:?}", cg.attached_programs());
     let out = python_json(Some(&cg), "tcp_client.py", &["127.0.0.2", &tcp.addr.port().to_string()]);
     assert_eq!(out["echo_ok"], true);
@@ -185,7 +185,7 @@ fn fail_closed_refuses_while_down_and_is_taken_over_on_restart() {
 
     let daemon = Daemon::start(&home, &cfg);
     assert_eq!(python_json(Some(&cg), "tcp_client.py", &["127.0.0.2", &port])["echo_ok"], true);
-    assert!(daemon.stop().success());
+    daemon.stop_ok();
     assert_eq!(cg.attached_programs().len(), 7, "links should stay pinned: {:?}", cg.attached_programs());
 
     // Down: the agent's connect is refused, and nothing reaches the upstream.
@@ -208,12 +208,12 @@ fn fail_closed_refuses_while_down_and_is_taken_over_on_restart() {
     let pid = out["pid"].clone();
     home.wait_audit("after takeover", |r| r["agent"]["pid"] == pid);
     assert_eq!(tcp.accepted().last().unwrap()["owner"].as_u64(), Some(u64::from(daemon.pid())));
-    assert!(daemon.stop().success());
+    daemon.stop_ok();
 
     // Switching the same cgroup to fail = "open" removes the pins and detaches on exit.
     cfg.fail = "open";
     let daemon = Daemon::start(&home, &cfg);
     assert!(!home.pin_dir.exists(), "pins left after switching to fail = open");
-    assert!(daemon.stop().success());
+    daemon.stop_ok();
     assert!(cg.attached_programs().is_empty(), "{:?}", cg.attached_programs());
 }

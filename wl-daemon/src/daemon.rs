@@ -29,6 +29,9 @@ const DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Runs the daemon.
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    // Before anything can report ready: a SIGTERM right after must still shut down cleanly.
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     intercept::check_capabilities()?;
     let mount = cgroup::cgroup2_mount()?;
     for name in &config.intercept.cgroups {
@@ -110,8 +113,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         "wl-daemon ready"
     );
 
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),

@@ -221,13 +221,14 @@ pub fn run(write: bool) -> anyhow::Result<()> {
     let added_ns = median(&mut diffs);
 
     // 2. Bulk throughput: through the splice path vs direct.
-    let _daemon = Daemon::start(&hooked.name, &[plain_port])?;
+    let daemon = Daemon::start(&hooked.name, &[plain_port])?;
     let bulk_args = vec!["bulk".to_string(), sink.to_string(), BULK_BYTES.to_string()];
     let (mut spliced, mut direct) = (Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
         spliced.push(hooked.run_client(&bulk_args)?.trim().parse::<f64>()?);
         direct.push(bare.run_client(&bulk_args)?.trim().parse::<f64>()?);
     }
+    drop(daemon);
     let (bulk_spliced, bulk_direct) = (median(&mut spliced), median(&mut direct));
 
     let ratio = bulk_spliced / bulk_direct;
@@ -248,11 +249,20 @@ pub fn run(write: bool) -> anyhow::Result<()> {
         b_ok = if ratio >= 0.8 { "met" } else { "not met" },
     );
     println!("{report}");
+
+    // 3. TLS interception against direct and nginx, and leaf minting.
+    let mint = crate::bench_tls::leaf_mint()?;
+    let scratch = crate::bench_tls::scratch()?;
+    let tls = crate::bench_tls::run(&scratch, &hooked.dir, &hooked.name);
+    let _ = std::fs::remove_dir_all(&scratch);
+    let tls_report = crate::bench_tls::report(&tls?, &mint);
+    println!("{tls_report}");
+
     if write {
         let path = workspace_root().join("BENCHMARKS.md");
         let header = "# Benchmarks\n\nNumbers from `cargo xtask bench` on this project's machines; every comparison is \
-                      measured in the same run on the same machine, alternating the two sides.\n\n";
-        std::fs::write(&path, format!("{header}{report}"))?;
+                      measured in the same run on the same machine, alternating the sides.\n\n";
+        std::fs::write(&path, format!("{header}{report}\n{tls_report}"))?;
         eprintln!("xtask bench: wrote {}", path.display());
     }
     Ok(())

@@ -5,6 +5,7 @@
 //! `cargo xtask test` work with nothing done by hand.
 
 mod bench;
+mod bench_tls;
 mod setup;
 
 use std::{

@@ -1,0 +1,375 @@
+//! The TLS interception benchmark: keep-alive request rate and latency through wl's
+//! transparent path vs direct to the same upstream vs nginx as a TLS-terminating reverse
+//! proxy (the bar a production proxy sets), one keep-alive connection's latency, and new
+//! connections. One HTTPS upstream (nginx) serves a chat-completion-sized JSON body; the
+//! load generator is wrk. The generator runs on CPU 0, proxies and upstream on CPU 1.
+//! Systems are measured in turns (A B C A B C ...), medians reported.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _};
+
+use crate::{run_cmd, workspace_root};
+
+const ROUNDS: usize = 3;
+const SECONDS: u32 = 5;
+const CONNECTIONS: u32 = 32;
+const HOST: &str = "api.openai.com";
+const UPSTREAM_IP: &str = "127.0.2.1";
+const NGINX_PROXY_IP: &str = "127.0.2.2";
+
+/// One wrk run's numbers.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Wrk {
+    /// Requests per second.
+    pub rps: f64,
+    /// Median latency, ms.
+    pub p50: f64,
+    /// 99th percentile latency, ms.
+    pub p99: f64,
+}
+
+/// Medians per system and scenario.
+#[derive(Debug, Default)]
+pub struct Results {
+    /// (system, keep-alive, single connection, new connection per request)
+    pub rows: Vec<(&'static str, Wrk, Wrk, Wrk)>,
+}
+
+fn sh(cmd: &str) -> anyhow::Result<()> {
+    run_cmd(Command::new("sh").arg("-c").arg(cmd))
+}
+
+/// Installs wrk and nginx if missing, without letting Debian start nginx as a service.
+pub fn tools() -> anyhow::Result<()> {
+    let have = |c: &str| {
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!("command -v {c}"))
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if have("wrk") && have("nginx") {
+        return Ok(());
+    }
+    eprintln!("xtask bench: installing wrk and nginx-light with apt-get (load generator, reference proxy)");
+    // policy-rc.d 101: packages must not start services here.
+    let policy = Path::new("/usr/sbin/policy-rc.d");
+    let had_policy = policy.exists();
+    if !had_policy {
+        std::fs::write(policy, "#!/bin/sh\nexit 101\n")?;
+        sh("chmod 755 /usr/sbin/policy-rc.d")?;
+    }
+    let result =
+        sh("apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q wrk nginx-light");
+    if !had_policy {
+        let _ = std::fs::remove_file(policy);
+    }
+    result
+}
+
+fn pki(dir: &Path) -> anyhow::Result<()> {
+    let d = dir.display();
+    sh(&format!(
+        "cd {d} && openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+         -subj /CN=wl-bench-root -addext basicConstraints=critical,CA:TRUE -addext keyUsage=keyCertSign \
+         -keyout root.key -out root.pem 2>/dev/null && \
+         openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj /CN={HOST} \
+         -keyout api.key -out api.csr 2>/dev/null && \
+         printf 'subjectAltName=DNS:{HOST}\\n' > ext && \
+         openssl x509 -req -in api.csr -CA root.pem -CAkey root.key -CAcreateserial -days 2 -extfile ext \
+         -out api.pem 2>/dev/null"
+    ))
+}
+
+fn nginx_conf(dir: &Path) -> String {
+    let d = dir.display();
+    // ~1.2 KB: the size of a short chat completion.
+    let body = r#"{"id":"chatcmpl-bench","object":"chat.completion","created":0,"model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor incididunt ut labore et dolore magna aliqua. Ut enim ad minim veniam, quis nostrud exercitation ullamco laboris nisi ut aliquip ex ea commodo consequat. Duis aute irure dolor in reprehenderit in voluptate velit esse cillum dolore eu fugiat nulla pariatur. Excepteur sint occaecat cupidatat non proident, sunt in culpa qui officia deserunt mollit anim id est laborum. Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor incididunt ut labore et dolore magna aliqua. Ut enim ad minim veniam, quis nostrud exercitation ullamco laboris nisi ut aliquip ex ea commodo consequat."},"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":140,"total_tokens":152}}"#;
+    format!(
+        "worker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/nginx-error.log;\ndaemon off;\n\
+         events {{ worker_connections 4096; }}\n\
+         http {{\n  access_log off;\n  keepalive_requests 1000000;\n\
+           upstream api {{ server {UPSTREAM_IP}:443; keepalive 128; }}\n\
+           server {{\n    listen {UPSTREAM_IP}:443 ssl http2;\n    ssl_certificate {d}/api.pem;\n    ssl_certificate_key {d}/api.key;\n\
+             location / {{ default_type application/json; return 200 '{body}'; }}\n  }}\n\
+           server {{\n    listen {NGINX_PROXY_IP}:443 ssl http2;\n    ssl_certificate {d}/api.pem;\n    ssl_certificate_key {d}/api.key;\n\
+             location / {{\n      proxy_pass https://api;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n\
+               proxy_ssl_verify on;\n      proxy_ssl_trusted_certificate {d}/root.pem;\n      proxy_ssl_name {HOST};\n\
+               proxy_ssl_server_name on;\n      proxy_ssl_session_reuse on;\n    }}\n  }}\n}}\n"
+    )
+}
+
+struct Proc(Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").arg("-TERM").arg(self.0.id().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_port(addr: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(addr).is_err() {
+        if Instant::now() > deadline {
+            bail!("{addr} did not come up");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// Parses wrk's "Requests/sec" and its --latency distribution.
+pub fn parse_wrk(text: &str) -> anyhow::Result<Wrk> {
+    let ms = |v: &str| -> Option<f64> {
+        let (num, unit): (String, String) = v.chars().partition(|c| c.is_ascii_digit() || *c == '.');
+        let n: f64 = num.parse().ok()?;
+        Some(match unit.as_str() {
+            "us" => n / 1000.0,
+            "ms" => n,
+            "s" => n * 1000.0,
+            _ => return None,
+        })
+    };
+    let mut out = Wrk::default();
+    for line in text.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        match f.as_slice() {
+            ["Requests/sec:", v] => out.rps = v.parse()?,
+            ["50.000%" | "50%", v] => out.p50 = ms(v).context("p50")?,
+            ["99.000%" | "99%", v] => out.p99 = ms(v).context("p99")?,
+            _ => {}
+        }
+    }
+    if out.rps == 0.0 {
+        bail!("no Requests/sec in wrk output:\n{text}");
+    }
+    Ok(out)
+}
+
+fn median_of(v: &[Wrk]) -> Wrk {
+    let med = |mut xs: Vec<f64>| {
+        xs.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        xs[xs.len() / 2]
+    };
+    Wrk {
+        rps: med(v.iter().map(|w| w.rps).collect()),
+        p50: med(v.iter().map(|w| w.p50).collect()),
+        p99: med(v.iter().map(|w| w.p99).collect()),
+    }
+}
+
+/// Runs the comparison. `hooked` is an intercepted cgroup directory (wl attached to it).
+pub fn run(dir: &Path, cgroup_dir: &Path, cgroup_name: &str) -> anyhow::Result<Results> {
+    tools()?;
+    pki(dir)?;
+    std::fs::write(dir.join("nginx.conf"), nginx_conf(dir))?;
+    let _nginx = Proc(
+        Command::new("taskset")
+            .args(["-c", "1", "nginx", "-c"])
+            .arg(dir.join("nginx.conf"))
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting nginx")?,
+    );
+    wait_port(&format!("{UPSTREAM_IP}:443"))?;
+    wait_port(&format!("{NGINX_PROXY_IP}:443"))?;
+
+    let wl_config = dir.join("wl.toml");
+    std::fs::write(
+        &wl_config,
+        format!(
+            "state_dir = {state:?}\n[intercept]\ncgroups = [{cgroup_name:?}]\nports = [443]\nlisten = [\"127.0.0.1:0\"]\n\
+             [audit]\npath = {audit:?}\n[tls]\nupstream_extra_roots = [{root:?}]\n",
+            state = dir.join("state").display().to_string(),
+            audit = dir.join("audit.jsonl").display().to_string(),
+            root = dir.join("root.pem").display().to_string(),
+        ),
+    )?;
+    let _wl = Proc(
+        Command::new("taskset")
+            .args(["-c", "1"])
+            .arg(workspace_root().join("target/release/wl-daemon"))
+            .arg("run")
+            .arg("--config")
+            .arg(&wl_config)
+            .env("WL_LOG", "warn")
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting wl-daemon")?,
+    );
+    // Ready once the programs are attached.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = Command::new("bpftool").args(["cgroup", "show"]).arg(cgroup_dir).output()?;
+        if String::from_utf8_lossy(&out.stdout).contains("wl_connect4") {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("wl-daemon did not attach");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let systems: [(&'static str, &str, bool); 3] = [
+        ("direct", UPSTREAM_IP, false),
+        ("nginx proxy", NGINX_PROXY_IP, false),
+        ("wl transparent", UPSTREAM_IP, true),
+    ];
+    let scenarios: [(u32, bool); 3] = [(CONNECTIONS, false), (1, false), (8, true)];
+    let mut samples: Vec<[Vec<Wrk>; 3]> =
+        (0..systems.len()).map(|_| [Vec::new(), Vec::new(), Vec::new()]).collect();
+    for _ in 0..ROUNDS {
+        for (si, (_, ip, in_cgroup)) in systems.iter().enumerate() {
+            for (ci, (conns, close)) in scenarios.iter().enumerate() {
+                let text = wrk(dir, ip, *in_cgroup, cgroup_dir, *conns, *close)?;
+                samples[si][ci].push(parse_wrk(&text)?);
+            }
+        }
+    }
+    let mut results = Results::default();
+    for (si, (name, _, _)) in systems.iter().enumerate() {
+        let s = &samples[si];
+        results.rows.push((name, median_of(&s[0]), median_of(&s[1]), median_of(&s[2])));
+    }
+    Ok(results)
+}
+
+/// One wrk run on CPU 0 with its own /etc/hosts mapping the API name to `ip`.
+fn wrk(
+    dir: &Path,
+    ip: &str,
+    in_cgroup: bool,
+    cgroup_dir: &Path,
+    conns: u32,
+    close: bool,
+) -> anyhow::Result<String> {
+    let hosts = dir.join(format!("hosts-{ip}"));
+    std::fs::write(&hosts, format!("127.0.0.1 localhost\n{ip} {HOST}\n"))?;
+    let join = if in_cgroup {
+        format!("echo $$ > {}/cgroup.procs && ", cgroup_dir.display())
+    } else {
+        String::new()
+    };
+    let header = if close { "-H 'Connection: close'" } else { "" };
+    let script = format!(
+        "mount --bind {hosts} /etc/hosts && {join}exec taskset -c 0 wrk -t1 -c{conns} -d{SECONDS}s --latency {header} https://{HOST}/v1/chat/completions",
+        hosts = hosts.display()
+    );
+    let out =
+        Command::new("unshare").args(["-m", "--propagation", "private", "sh", "-c", &script]).output()?;
+    if !out.status.success() {
+        bail!("wrk failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+/// The Markdown section.
+pub fn report(r: &Results, mint: &str) -> String {
+    let find = |name: &str| r.rows.iter().find(|row| row.0 == name).copied().unwrap();
+    let (_, d_ka, d_one, d_new) = find("direct");
+    let (_, n_ka, _, _) = find("nginx proxy");
+    let (_, w_ka, w_one, w_new) = find("wl transparent");
+    let mut s = format!(
+        "## TLS interception: wl transparent vs direct vs nginx\n\n\
+         Command: `cargo xtask bench`. Upstream: nginx 1.22 over TLS (HTTP/1.1 to wrk) returning a 1.2 KB JSON \
+         chat completion. Load: wrk 4.1, 1 thread, {SECONDS} s per run, {ROUNDS} rounds in turns, medians. \
+         wrk on CPU 0; proxies and upstream on CPU 1. wl runs with interception (eBPF), TLS termination and \
+         re-origination, and the audit trail on; nginx proxy terminates TLS and re-originates verified TLS with \
+         upstream keep-alive.\n\n\
+         | system | keep-alive req/s ({CONNECTIONS} conns) | p50 ms | p99 ms | 1 connection p50 ms | new connection per request req/s (8 conns) |\n\
+         |---|---|---|---|---|---|\n"
+    );
+    for (name, ka, one, new) in &r.rows {
+        s.push_str(&format!(
+            "| {name} | {:.0} | {:.2} | {:.2} | {:.3} | {:.0} |\n",
+            ka.rps, ka.p50, ka.p99, one.p50, new.rps
+        ));
+    }
+    let vs_nginx = w_ka.rps / n_ka.rps;
+    let vs_direct = w_ka.rps / d_ka.rps;
+    let added_one = w_one.p50 - d_one.p50;
+    let new_added = 1000.0 / w_new.rps * 8.0 - 1000.0 / d_new.rps * 8.0;
+    s.push_str(&format!(
+        "\n| target | measured | |\n|---|---|---|\n\
+         | keep-alive throughput ≥ 90% of nginx's | {:.0}% | {} |\n\
+         | keep-alive throughput ≥ 50% of direct | {:.0}% | {} |\n\
+         | one keep-alive connection: < 0.1 ms added at p50 | {:+.3} ms | {} |\n\
+         | new connection: < 1 ms added | {:+.2} ms per connection (from req/s at 8 conns) | {} |\n\
+         \nLeaf minting (`cargo bench -p wl-daemon --bench tls`): {mint}.\n",
+        vs_nginx * 100.0,
+        met(vs_nginx >= 0.9),
+        vs_direct * 100.0,
+        met(vs_direct >= 0.5),
+        added_one,
+        met(added_one < 0.1),
+        new_added,
+        met(new_added < 1.0),
+    ));
+    s
+}
+
+fn met(ok: bool) -> &'static str {
+    if ok {
+        "met"
+    } else {
+        "not met"
+    }
+}
+
+/// Runs the leaf-minting micro-benchmark and returns its summary.
+pub fn leaf_mint() -> anyhow::Result<String> {
+    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(workspace_root())
+        .args(["bench", "-q", "-p", "wl-daemon", "--bench", "tls"])
+        .stderr(Stdio::inherit())
+        .output()?;
+    if !out.status.success() {
+        bail!("leaf bench failed");
+    }
+    let text = String::from_utf8(out.stdout)?;
+    let line = text.lines().last().unwrap_or_default();
+    let get = |key: &str| -> Option<f64> {
+        let start = line.find(key)? + key.len() + 3;
+        line[start..].split([',', '}']).next()?.trim().parse().ok()
+    };
+    Ok(format!(
+        "cold (new name, one ECDSA signature) {:.1} µs, cached {:.2} µs",
+        get("mint_cold_us").unwrap_or(f64::NAN),
+        get("mint_cached_us").unwrap_or(f64::NAN)
+    ))
+}
+
+/// Scratch directory for one bench run.
+pub fn scratch() -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("wl-bench-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn parses_wrk_output() {
+        let text = "Running 5s test @ https://api.openai.com/\n  1 threads and 32 connections\n\
+                    Latency Distribution\n     50%  412.00us\n     75%  1.20ms\n     90%    2.00ms\n     99%    5.31ms\n\
+                    Requests/sec:  51234.56\nTransfer/sec:      8.00MB\n";
+        let w = super::parse_wrk(text).unwrap();
+        assert_eq!(w.rps, 51234.56);
+        assert!((w.p50 - 0.412).abs() < 1e-9);
+        assert!((w.p99 - 5.31).abs() < 1e-9);
+    }
+}
