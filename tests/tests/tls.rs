@@ -300,9 +300,9 @@ fn hostile_client_hellos_end_only_their_own_connection() {
     // A ClientHello in 3-byte pieces is still a ClientHello.
     let r = run("split");
     assert!(r["response"].as_str().is_some_and(|b| b.starts_with("HTTP/1.1 200")), "{r}");
-    // Garbage, an oversized hello and a stalled one end their connection, within the
-    // configured handshake timeout (3 s) for the stalled one.
-    for mode in ["garbage", "oversized", "truncated"] {
+    // Garbage, an oversized hello, a truncated one and a handshake that never finishes end
+    // their connection, the stalled ones within the handshake timeout (3 s).
+    for mode in ["garbage", "oversized", "truncated", "stall"] {
         let r = run(mode);
         assert_ne!(r["closed"], "still open", "{r}");
         assert!(r["after"].as_f64().unwrap() < 6.0, "{r}");
@@ -392,4 +392,40 @@ fn plain_http_to_a_governed_host_goes_through_the_pipeline() {
     assert_eq!(rec["host"], API);
     assert_eq!(rec["path"], "/hello.txt");
     home.wait_audit("for the plain connection", |r| r["kind"] == "connection" && r["action"] == "http");
+}
+
+#[test]
+fn expect_100_continue_and_a_large_streamed_body() {
+    let cg = TestCgroup::new("expect");
+    let home = DaemonHome::new();
+    let dir = home.dir.path();
+    let root = TestRoot::new(dir);
+    let api = FakeApi::start(dir, "127.0.1.13", &root.server_cert("api", &[API], false));
+    let _daemon = start_daemon(&home, &cg, &root.cert, "");
+    let view = AgentView::new(dir, &[(API, "127.0.1.13")], &[&beacon_ca(&home)]);
+    // 4 MB of JSON, sent with Expect: 100-continue.
+    let body = dir.join("big.json");
+    let filler = "x".repeat(4 << 20);
+    std::fs::write(&body, format!("{{\"model\": \"gpt-4o-mini\", \"messages\": [], \"pad\": \"{filler}\"}}"))
+        .unwrap();
+    let out = output(view.command(Some(&cg), "curl").args([
+        "-sS",
+        "--http1.1",
+        "-H",
+        "Expect: 100-continue",
+        "-H",
+        "Content-Type: application/json",
+        "--data-binary",
+        &format!("@{}", body.display()),
+        &format!("https://{API}/v1/chat/completions"),
+    ]));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["model"], "gpt-4o-mini", "{r}");
+    let seen = requests_for(&api, "/v1/chat/completions");
+    assert_eq!(seen[0]["body_len"].as_u64(), Some(std::fs::metadata(&body).unwrap().len()));
+    let rec = home.wait_audit("for the large request", |r| {
+        r["kind"] == "request" && r["path"] == "/v1/chat/completions"
+    });
+    assert_eq!(rec["bytes_up"].as_u64(), Some(std::fs::metadata(&body).unwrap().len()), "{rec}");
 }

@@ -273,6 +273,31 @@ mod tests {
     }
 
     #[test]
+    fn name_constraints_limit_the_ca_to_governed_hosts() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca =
+            BeaconCa::load_or_create(dir.path(), &["api.openai.com".into(), "*.openai.azure.com".into()])
+                .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.cert_der().clone()).unwrap();
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            Arc::new(rustls::crypto::ring::default_provider()),
+        )
+        .build()
+        .unwrap();
+        let now = rustls::pki_types::UnixTime::now();
+        let check = |name: &str| {
+            let leaf = ca.mint(name, Duration::from_secs(3600)).unwrap();
+            let sn = rustls::pki_types::ServerName::try_from(name.to_owned()).unwrap();
+            verifier.verify_server_cert(&leaf.cert[0], &[], &sn, &[], now).is_ok()
+        };
+        assert!(check("api.openai.com"));
+        assert!(check("x.openai.azure.com"));
+        assert!(!check("www.example.com"), "a constrained CA must not vouch for other names");
+    }
+
+    #[test]
     fn refuses_a_key_readable_by_others() {
         let dir = tempfile::tempdir().unwrap();
         BeaconCa::create(dir.path(), &[]).unwrap();
