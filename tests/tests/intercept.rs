@@ -217,3 +217,21 @@ fn fail_closed_refuses_while_down_and_is_taken_over_on_restart() {
     daemon.stop_ok();
     assert!(cg.attached_programs().is_empty(), "{:?}", cg.attached_programs());
 }
+
+#[test]
+fn other_client_first_protocols_are_spliced_except_on_443() {
+    let cg = TestCgroup::new("binary");
+    let home = DaemonHome::new();
+    let tcp = Upstream::tcp(home.dir.path(), "127.0.0.2", 0);
+    let _daemon = Daemon::start(&home, &DaemonConfig::new(&cg, &[tcp.addr.port()]));
+    let script = format!(
+        "import socket; s = socket.create_connection(('127.0.0.2', {})); s.sendall(bytes([0, 1, 2, 255]) * 4); \
+         s.settimeout(10); data = b''\nwhile len(data) < 36: data += s.recv(100)\nprint(data[20:].hex())",
+        tcp.addr.port()
+    );
+    let out = cg.command("python3").args(["-c", &script]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "000102ff".repeat(4), "banner then the echo");
+    let rec = home.wait_audit("for the binary connection", |r| r["kind"] == "connection");
+    assert_eq!(rec["action"], "splice", "{rec}");
+}

@@ -34,6 +34,8 @@ use crate::{
 
 /// How long connecting to an original destination may take.
 const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Where a stream that is neither TLS nor HTTP is refused rather than spliced.
+const HTTPS_PORT: u16 = 443;
 /// Most bytes peeked for a ClientHello (the largest seen in practice are a few KiB).
 const MAX_CLIENT_HELLO: usize = 32 * 1024;
 
@@ -189,9 +191,17 @@ async fn dispatch(
     record: &mut ConnectionRecord,
 ) -> Result<(), String> {
     let peeked =
-        hello::peek(&agent, MAX_CLIENT_HELLO, shared.server_first_after, shared.tls.handshake_timeout)
-            .await
-            .map_err(|e| e.to_string())?;
+        hello::peek(&agent, MAX_CLIENT_HELLO, shared.server_first_after, shared.tls.handshake_timeout).await;
+    let peeked = match peeked {
+        Ok(p) => p,
+        // Another protocol on a port other than HTTPS's: wl cannot read it, so it passes
+        // untouched, as it would without wl. On 443 a non-TLS stream is refused: nothing
+        // legitimate speaks it there, and it must not become a way around governance.
+        Err(hello::PeekError::Unknown(_)) if dst.port() != HTTPS_PORT => {
+            return splice_to(agent, dst, record).await;
+        }
+        Err(e) => return Err(e.to_string()),
+    };
     match peeked {
         Peeked::Tls { sni: Some(sni), .. } if shared.tls.is_governed(&sni) => {
             record.action = "terminate";
