@@ -144,6 +144,8 @@ pub struct DaemonConfig {
     pub fail: &'static str,
     /// `intercept.exclude`.
     pub exclude: Vec<String>,
+    /// Extra lines inside `[policy]`.
+    pub policy: String,
     /// Appended verbatim.
     pub extra: String,
 }
@@ -159,6 +161,7 @@ impl DaemonConfig {
             block_quic: true,
             fail: "open",
             exclude: Vec::new(),
+            policy: String::new(),
             extra: String::new(),
         }
     }
@@ -168,7 +171,7 @@ impl DaemonConfig {
         format!(
             "mode = {mode:?}\nstate_dir = {state:?}\n\n[intercept]\ncgroups = [{cgroups}]\nports = [{ports}]\n\
              listen = [{listen}]\nexclude = [{exclude}]\nblock_quic = {quic}\nfail = {fail:?}\npin_dir = {pin:?}\n\n\
-             [audit]\npath = {audit:?}\n{extra}\n",
+             [audit]\npath = {audit:?}\n\n[policy]\ndir = {policies:?}\n{policy}\n{extra}\n",
             mode = self.mode,
             state = dir.join("state").display().to_string(),
             cgroups = list(&self.cgroups),
@@ -179,6 +182,8 @@ impl DaemonConfig {
             fail = self.fail,
             pin = pin_dir.display().to_string(),
             audit = dir.join("audit.jsonl").display().to_string(),
+            policies = dir.join("policies").display().to_string(),
+            policy = self.policy,
             extra = self.extra,
         )
     }
@@ -205,6 +210,21 @@ impl DaemonHome {
         let path = self.dir.path().join("wl.toml");
         std::fs::write(&path, cfg.render(self.dir.path(), &self.pin_dir)).expect("write config");
         path
+    }
+
+    /// The policy directory the daemon reads (absent until a test writes policies; the
+    /// built-in policies apply until then).
+    pub fn policy_dir(&self) -> PathBuf {
+        self.dir.path().join("policies")
+    }
+
+    /// Writes (atomically: write, then rename) one policy file.
+    pub fn write_policy(&self, name: &str, text: &str) {
+        let dir = self.policy_dir();
+        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = dir.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, dir.join(name)).unwrap();
     }
 
     /// The audit log path.
@@ -331,6 +351,12 @@ impl Daemon {
             assert!(Instant::now() < deadline, "no log line with {needle:?}:\n{}", self.log_text());
             std::thread::sleep(Duration::from_millis(25));
         }
+    }
+
+    /// Sends SIGHUP (reload policies).
+    pub fn signal_hup(&self) {
+        let pid = nix::unistd::Pid::from_raw(self.pid() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
     }
 
     /// SIGTERM, then waits for the exit status.

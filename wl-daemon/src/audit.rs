@@ -20,7 +20,7 @@ use tokio::{
     sync::{mpsc, oneshot},
 };
 
-use crate::intercept::identity::AgentIdentity;
+use crate::{config::Mode, intercept::identity::AgentIdentity};
 
 /// How many records may wait for the writer before new ones are counted as dropped.
 const QUEUE: usize = 65_536;
@@ -65,6 +65,14 @@ pub struct ConnectionRecord {
     pub duration_ms: u64,
     /// HTTP requests served on it (terminated and plain HTTP connections).
     pub requests: u64,
+    /// `allow` or `deny`: what policy decided for the connection (`Connect`).
+    pub decision: Option<&'static str>,
+    /// The mode the decision was taken in.
+    pub mode: Option<Mode>,
+    /// Policy denied it but the mode is `observe`, so it went on.
+    pub would_deny: bool,
+    /// The policies that determined the decision.
+    pub policies: Vec<String>,
     /// Why the connection failed, if it did.
     pub error: Option<String>,
 }
@@ -84,8 +92,20 @@ impl ConnectionRecord {
             bytes_down: 0,
             duration_ms: 0,
             requests: 0,
+            decision: None,
+            mode: None,
+            would_deny: false,
+            policies: Vec::new(),
             error: None,
         }
+    }
+
+    /// Records a policy decision.
+    pub fn set_decision(&mut self, d: &crate::policy::Decision, mode: Mode) {
+        self.decision = Some(if d.allow { "allow" } else { "deny" });
+        self.mode = Some(mode);
+        self.would_deny = !d.allow && mode == Mode::Observe;
+        self.policies = d.policies.clone();
     }
 }
 
@@ -117,8 +137,26 @@ pub struct RequestRecord {
     pub proto_agent: String,
     /// HTTP version on the upstream side, when it was reached.
     pub proto_upstream: Option<String>,
+    /// `allow` or `deny`: what policy decided.
+    pub decision: Option<&'static str>,
+    /// The mode the decision was taken in.
+    pub mode: Option<Mode>,
+    /// Policy denied it but the mode is `observe`, so it went on.
+    pub would_deny: bool,
+    /// The policies that determined the decision.
+    pub policies: Vec<String>,
     /// What went wrong, if anything.
     pub error: Option<String>,
+}
+
+impl RequestRecord {
+    /// Records a policy decision.
+    pub fn set_decision(&mut self, d: &crate::policy::Decision, mode: Mode) {
+        self.decision = Some(if d.allow { "allow" } else { "deny" });
+        self.mode = Some(mode);
+        self.would_deny = !d.allow && mode == Mode::Observe;
+        self.policies = d.policies.clone();
+    }
 }
 
 /// Everything that goes into the trail.

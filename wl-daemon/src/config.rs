@@ -65,6 +65,37 @@ pub struct Config {
     /// The HTTP CONNECT listener for `HTTPS_PROXY`.
     #[serde(default)]
     pub connect: Option<ConnectConfig>,
+    /// Cedar policies.
+    #[serde(default)]
+    pub policy: PolicyConfig,
+}
+
+/// `[policy]`: where the policies are and how much of a request they see.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Directory of `*.cedar` files; when it does not exist, the built-in policies apply.
+    #[serde(default = "default_policy_dir")]
+    pub dir: PathBuf,
+    /// JSON request bodies up to this many bytes are inspected for `context.body`.
+    #[serde(default = "default_body_limit")]
+    pub body_limit: usize,
+    /// Per-host mode overrides (`"api.openai.com" = "enforce"`).
+    #[serde(default)]
+    pub host_modes: std::collections::BTreeMap<String, Mode>,
+}
+
+fn default_policy_dir() -> PathBuf {
+    PathBuf::from("/etc/wl/policies")
+}
+fn default_body_limit() -> usize {
+    64 * 1024
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        Self { dir: default_policy_dir(), body_limit: default_body_limit(), host_modes: Default::default() }
+    }
 }
 
 /// `[tls]`: which hosts are terminated and how.

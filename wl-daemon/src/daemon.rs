@@ -17,9 +17,13 @@ use crate::{
     audit::AuditLog,
     config::{Config, FailMode},
     intercept::{self, cgroup, identity::IdentityResolver, Interceptor},
+    policy::{self, PolicyStore},
     proxy::{self, explicit, upstream::Upstreams},
     tls::{self, ca::BeaconCa, leaf::LeafCache},
 };
+
+/// How often the policy directory is checked for changes.
+const POLICY_POLL: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// Server names whose leaves are kept; the least recently added go first beyond this.
 const LEAF_CACHE_CAPACITY: usize = 10_000;
@@ -32,6 +36,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // Before anything can report ready: a SIGTERM right after must still shut down cleanly.
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     intercept::check_capabilities()?;
     let mount = cgroup::cgroup2_mount()?;
     for name in &config.intercept.cgroups {
@@ -61,6 +66,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let server_tls = tls::server_config(leaves.clone())?;
     let upstreams = Upstreams::new(upstream_tls);
 
+    // Policies: the directory when it exists, else the built-in set.
+    let policy_dir = config.policy.dir.is_dir().then_some(config.policy.dir.as_path());
+    if policy_dir.is_none() {
+        tracing::info!(dir = %config.policy.dir.display(), "no policy directory: using the built-in policies");
+    }
+    let host_modes = config.policy.host_modes.clone().into_iter().collect();
+    let policy = Arc::new(PolicyStore::load(policy_dir, config.mode, host_modes)?);
+    tracing::info!(source = %policy.current().source, policies = policy.current().count, "policies loaded");
+
     let (audit, audit_writer) = AuditLog::open(&config.audit.path).await?;
     let interceptor = Interceptor::start(&config.intercept, &mount, &bound)?;
     let attached = interceptor.attached().to_vec();
@@ -75,6 +89,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         upstreams,
     );
     shared.server_first_after = config.intercept.server_first_after;
+    shared.policy = policy.clone();
+    shared.body_limit = config.policy.body_limit;
     let shared = Arc::new(shared);
     let tracker = TaskTracker::new();
     let stop_accept = CancellationToken::new();
@@ -113,10 +129,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         "wl-daemon ready"
     );
 
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    let watcher = tokio::spawn(policy::watch(policy.clone(), POLICY_POLL));
+    loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break }
+            _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break }
+            _ = hup.recv() => policy::reload_and_log(&policy, "SIGHUP"),
+        }
     }
+    watcher.abort();
 
     // Stop accepting, give open connections a moment, then cut them (each still writes
     // its audit record).

@@ -9,5 +9,6 @@ pub mod audit;
 pub mod config;
 pub mod daemon;
 pub mod intercept;
+pub mod policy;
 pub mod proxy;
 pub mod tls;

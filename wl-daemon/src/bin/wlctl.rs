@@ -26,6 +26,11 @@ enum Command {
         #[command(subcommand)]
         command: CaCommand,
     },
+    /// Cedar policies: check a directory, run test cases.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// Configuration files.
     Config {
         #[command(subcommand)]
@@ -50,6 +55,25 @@ enum CaCommand {
     Install,
     /// Remove it from the system trust store.
     Uninstall,
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Parse and validate (strict, against wl's schema) every *.cedar file in DIR (default:
+    /// policy.dir). Exit 0 valid, 2 invalid, 1 unreadable.
+    Check {
+        /// The directory.
+        dir: Option<PathBuf>,
+    },
+    /// Run the cases in FILE against DIR (default: policy.dir, or the built-in policies).
+    /// Exit 0 all pass, 4 some fail, 3 malformed cases, 2 invalid policies, 1 unreadable.
+    Test {
+        /// The TOML file of cases.
+        file: PathBuf,
+        /// The policy directory.
+        #[arg(long)]
+        policies: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -91,6 +115,16 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+        Command::Policy { command } => {
+            let cfg = match load_config(cli.config.as_deref()) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("wlctl: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            policy_command(command, &cfg)
         }
         Command::Config { command: ConfigCommand::Check { path } } => match Config::load(&path) {
             Ok(_) => {
@@ -232,4 +266,66 @@ fn show(ca: &ca::BeaconCa) -> Result<(), String> {
         println!("limited to:  {}", names.join(", "));
     }
     Ok(())
+}
+
+fn load_policies(dir: Option<&std::path::Path>) -> Result<wl_daemon::policy::PolicyEngine, ExitCode> {
+    use wl_daemon::policy::{PolicyEngine, PolicyError};
+    let result = match dir {
+        Some(d) => PolicyEngine::load_dir(d),
+        None => Ok(PolicyEngine::builtin()),
+    };
+    result.map_err(|e| {
+        eprintln!("wlctl: {e}");
+        match e {
+            PolicyError::Read { .. } => ExitCode::FAILURE,
+            PolicyError::Parse(_) | PolicyError::Invalid(_) => ExitCode::from(2),
+        }
+    })
+}
+
+fn policy_command(command: PolicyCommand, cfg: &Config) -> ExitCode {
+    let configured = cfg.policy.dir.is_dir().then_some(cfg.policy.dir.as_path());
+    match command {
+        PolicyCommand::Check { dir } => {
+            let dir = dir.as_deref().or(configured);
+            match load_policies(dir) {
+                Ok(engine) => {
+                    println!("{}: {} policies, valid", engine.source, engine.count);
+                    ExitCode::SUCCESS
+                }
+                Err(code) => code,
+            }
+        }
+        PolicyCommand::Test { file, policies } => {
+            let engine = match load_policies(policies.as_deref().or(configured)) {
+                Ok(e) => e,
+                Err(code) => return code,
+            };
+            let text = match std::fs::read_to_string(&file) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("wlctl: cannot read `{}`: {e}", file.display());
+                    return ExitCode::FAILURE;
+                }
+            };
+            let cases: wl_daemon::policy::cases::CaseFile = match toml::from_str(&text) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("wlctl: `{}`: {}", file.display(), e.to_string().replace('\n', " "));
+                    return ExitCode::from(3);
+                }
+            };
+            let results = wl_daemon::policy::cases::run(&engine, &cases);
+            let failed = results.iter().filter(|r| !r.passed).count();
+            for r in &results {
+                println!("{} {}: {}", if r.passed { "ok  " } else { "FAIL" }, r.name, r.detail);
+            }
+            println!("{} passed, {} failed", results.len() - failed, failed);
+            if failed == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(4)
+            }
+        }
+    }
 }

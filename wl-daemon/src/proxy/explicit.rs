@@ -81,6 +81,7 @@ async fn reverse_conn(
     let target = cfg.upstream.clone().unwrap_or_else(|| format!("{}:443", cfg.host));
     let dst = resolve(&target).await?;
     record.dst = Some(dst.to_string());
+    super::decide_connect(shared, agent.as_ref(), dst, true, Some(cfg.host.clone()), record)?;
     // The listener's own names: the SNI the agent sends picks one; without SNI, the first.
     let peeked = crate::tls::hello::peek(
         &stream,
@@ -210,6 +211,14 @@ async fn tunnel(
     record: &mut ConnectionRecord,
 ) -> Result<(), String> {
     let upgraded = TokioIo::new(upgrade.await.map_err(|e| format!("CONNECT upgrade: {e}"))?);
+    super::decide_connect(
+        shared,
+        agent.as_ref(),
+        dst,
+        shared.tls.is_governed(&host),
+        Some(host.clone()),
+        record,
+    )?;
     if shared.tls.is_governed(&host) {
         record.action = "terminate";
         let ctx = Arc::new(ConnContext::new(

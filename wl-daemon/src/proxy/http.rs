@@ -33,8 +33,16 @@ use serde_json::json;
 use super::Shared;
 use crate::{
     audit::{AuditLog, AuditRecord, RequestRecord},
+    config::Mode,
     intercept::identity::AgentIdentity,
+    policy::{
+        facts::{self, BodyFacts, HeaderFacts, RequestFacts},
+        AgentEntities, Decision,
+    },
 };
+
+/// The body sent upstream before counting: the agent's, possibly partly replayed.
+pub type UpstreamBody = BoxBody<Bytes, hyper::Error>;
 
 /// What the agent gets back.
 pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
@@ -144,6 +152,10 @@ async fn handle(mut req: Request<Incoming>, ctx: Arc<ConnContext>) -> Response<P
         duration_ms: 0,
         proto_agent: format!("{:?}", req.version()),
         proto_upstream: None,
+        decision: None,
+        mode: None,
+        would_deny: false,
+        policies: Vec::new(),
         error: None,
     };
 
@@ -205,7 +217,35 @@ async fn handle(mut req: Request<Incoming>, ctx: Arc<ConnContext>) -> Response<P
             )
         }
     };
+    let query = req.uri().query().unwrap_or("").to_owned();
     let (mut parts, body) = req.into_parts();
+
+    // Policy: the agent, the host, the request line, selected headers and JSON body fields.
+    let shared = &ctx.shared;
+    let (body_facts, body) = inspect_body(&parts.headers, body, shared.body_limit).await;
+    let (hour, weekday) = facts::local_hour_weekday();
+    let request_facts = RequestFacts {
+        method: parts.method.to_string(),
+        path: parts.uri.path().to_owned(),
+        query,
+        headers: HeaderFacts::from_headers(&parts.headers),
+        body: body_facts,
+        hour,
+        weekday,
+    };
+    let entities = AgentEntities::new(ctx.agent.as_ref(), &host);
+    let decision = shared.policy.current().decide_request(&entities, &request_facts);
+    let mode = shared.policy.mode_for(&host);
+    record.set_decision(&decision, mode);
+    if !decision.allow {
+        tracing::info!(request_id, host = %host, policies = ?decision.policies, errors = ?decision.errors, ?mode, "policy denies request");
+        if mode == Mode::Enforce {
+            let msg = denial_message(&decision, &host, &request_facts.method, &request_facts.path);
+            let policies = decision.policies.clone();
+            return finish_denied(&shared.audit, record, started, msg, policies);
+        }
+    }
+
     let up_counter = Arc::new(AtomicU64::new(0));
     strip_hop_by_hop(&mut parts.headers, upgrade);
     parts.headers.remove(header::HOST);
@@ -314,6 +354,116 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         cur = s.source();
     }
     out
+}
+
+/// Why a request was denied, for the agent (no secrets: only names, method and path).
+fn denial_message(d: &Decision, host: &str, method: &str, path: &str) -> String {
+    if !d.errors.is_empty() {
+        return format!(
+            "wl denied {method} {host}{path}: policy evaluation failed ({})",
+            d.errors.join("; ")
+        );
+    }
+    if d.policies.is_empty() {
+        format!("wl denied {method} {host}{path}: no policy permits it")
+    } else {
+        format!("wl denied {method} {host}{path}: forbidden by policy {}", d.policies.join(", "))
+    }
+}
+
+fn finish_denied(
+    audit: &AuditLog,
+    mut record: RequestRecord,
+    started: Instant,
+    message: String,
+    policies: Vec<String>,
+) -> Response<ProxyBody> {
+    record.status = StatusCode::FORBIDDEN.as_u16();
+    record.duration_ms = started.elapsed().as_millis() as u64;
+    let body = json!({"error": {
+        "type": "wl_policy_denied",
+        "message": message,
+        "policies": policies,
+        "request_id": record.request_id,
+    }})
+    .to_string();
+    let resp = Response::builder()
+        .status(StatusCode::FORBIDDEN)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header("x-wl-request-id", record.request_id.as_str())
+        .body(Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed())
+        .expect("static response parts are valid");
+    record.error = Some(message);
+    audit.record(AuditRecord::Request(Box::new(record)));
+    resp
+}
+
+/// Reads a JSON body up to `limit` bytes to extract policy fields, and gives back a body
+/// that replays what was read followed by the rest. Other bodies pass untouched.
+async fn inspect_body(headers: &HeaderMap, body: Incoming, limit: usize) -> (BodyFacts, UpstreamBody) {
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.to_ascii_lowercase().contains("json"));
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if !is_json || declared.is_some_and(|n| n > limit) || body.is_end_stream() {
+        return (BodyFacts::default(), body.boxed());
+    }
+    let mut body = body;
+    let mut frames = std::collections::VecDeque::new();
+    let mut data = Vec::new();
+    loop {
+        match body.frame().await {
+            Some(Ok(frame)) => {
+                if let Some(d) = frame.data_ref() {
+                    data.extend_from_slice(d);
+                }
+                frames.push_back(frame);
+                if data.len() > limit {
+                    // Too large: no fields; replay and stream the rest.
+                    return (BodyFacts::default(), Replay { frames, rest: Some(body) }.boxed());
+                }
+            }
+            Some(Err(e)) => {
+                // The agent's upload failed; let the upstream request fail the same way.
+                frames.push_back(Frame::data(Bytes::new()));
+                tracing::debug!(error = %e, "request body failed while inspecting");
+                return (BodyFacts::default(), Replay { frames, rest: None }.boxed());
+            }
+            None => return (BodyFacts::from_json_bytes(&data), Replay { frames, rest: None }.boxed()),
+        }
+    }
+}
+
+/// Frames already read, then the rest of the body.
+struct Replay {
+    frames: std::collections::VecDeque<Frame<Bytes>>,
+    rest: Option<Incoming>,
+}
+
+impl Body for Replay {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        if let Some(f) = self.frames.pop_front() {
+            return Poll::Ready(Some(Ok(f)));
+        }
+        match self.rest.as_mut() {
+            Some(rest) => Pin::new(rest).poll_frame(cx),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.frames.is_empty() && self.rest.as_ref().is_none_or(|r| r.is_end_stream())
+    }
 }
 
 /// A JSON error shaped like the APIs' own: `{"error": {"type", "message", "request_id"}}`.

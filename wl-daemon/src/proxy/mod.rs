@@ -24,8 +24,10 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     audit::{AuditLog, AuditRecord, ConnectionRecord},
+    config::Mode,
     config::TlsConfig,
     intercept::{identity::IdentityResolver, original_destination, Interceptor},
+    policy::{facts::ConnectFacts, AgentEntities, PolicyStore},
     tls::{
         hello::{self, Peeked},
         leaf::LeafCache,
@@ -82,6 +84,10 @@ pub struct Shared {
     pub upstreams: Arc<upstream::Upstreams>,
     /// `intercept.server_first_after`.
     pub server_first_after: Duration,
+    /// Cedar policies and modes.
+    pub policy: Arc<PolicyStore>,
+    /// `policy.body_limit`.
+    pub body_limit: usize,
     next_id: AtomicU64,
 }
 
@@ -105,6 +111,11 @@ impl Shared {
             server_tls,
             upstreams,
             server_first_after: Duration::from_millis(300),
+            policy: Arc::new(
+                PolicyStore::load(None, crate::config::Mode::Observe, Default::default())
+                    .expect("the built-in policies load"),
+            ),
+            body_limit: 64 * 1024,
             next_id: AtomicU64::new(1),
         }
     }
@@ -202,6 +213,16 @@ async fn dispatch(
         }
         Err(e) => return Err(e.to_string()),
     };
+    let (tls, sni) = match &peeked {
+        Peeked::Tls { sni, .. } => (true, sni.clone()),
+        _ => (false, None),
+    };
+    if let Err(denied) = decide_connect(shared, Some(&identity), dst, tls, sni, record) {
+        // Reset, not a clean close: the agent must not mistake it for an empty answer.
+        let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+        let _ = nix::sys::socket::setsockopt(&agent, nix::sys::socket::sockopt::Linger, &linger);
+        return Err(denied);
+    }
     match peeked {
         Peeked::Tls { sni: Some(sni), .. } if shared.tls.is_governed(&sni) => {
             record.action = "terminate";
@@ -262,6 +283,31 @@ where
         .map_err(|_| format!("TLS handshake not finished within {:?}", shared.tls.handshake_timeout))?
         .map_err(|e| format!("TLS handshake with the agent failed: {e}"))?;
     http::serve(tls, ctx).await
+}
+
+/// Decides `Connect`; in enforce a denial ends the connection (the caller drops it).
+pub fn decide_connect(
+    shared: &Shared,
+    agent: Option<&crate::intercept::identity::AgentIdentity>,
+    dst: SocketAddr,
+    tls: bool,
+    sni: Option<String>,
+    record: &mut ConnectionRecord,
+) -> Result<(), String> {
+    let host = sni.clone().unwrap_or_else(|| dst.ip().to_string());
+    let entities = AgentEntities::new(agent, &host);
+    let facts = ConnectFacts { ip: dst.ip(), port: dst.port(), tls, sni };
+    let decision = shared.policy.current().decide_connect(&entities, &facts);
+    let mode = shared.policy.mode_for(&host);
+    record.set_decision(&decision, mode);
+    if decision.allow {
+        return Ok(());
+    }
+    tracing::info!(conn_id = record.conn_id, %dst, host, policies = ?decision.policies, ?mode, "policy denies connection");
+    if mode == Mode::Enforce {
+        return Err(format!("connection denied by policy {}", decision.policies.join(", ")));
+    }
+    Ok(())
 }
 
 async fn splice_to(agent: TcpStream, dst: SocketAddr, record: &mut ConnectionRecord) -> Result<(), String> {

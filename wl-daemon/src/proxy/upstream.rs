@@ -16,7 +16,7 @@ use std::{
     time::Duration,
 };
 
-use hyper::{body::Incoming, Uri};
+use hyper::Uri;
 use hyper_rustls::HttpsConnector;
 use hyper_util::{
     client::legacy::Client,
@@ -58,7 +58,7 @@ impl tower_service::Service<Uri> for FixedDest {
 }
 
 /// The body of a forwarded request: the agent's, counted.
-pub type UpBody = super::http::Counted<Incoming>;
+pub type UpBody = super::http::Counted<super::http::UpstreamBody>;
 /// A verified-TLS client for one destination.
 pub type TlsClient = Client<HttpsConnector<FixedDest>, UpBody>;
 /// A plain-HTTP client for one destination.

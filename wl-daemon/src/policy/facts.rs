@@ -1,0 +1,158 @@
+//! What policy sees of a connection or a request, gathered from the wire and turned into
+//! the Cedar context the schema declares. Bodies are inspected only when they are JSON and
+//! within the configured size; anything else simply leaves the fields out.
+
+use std::net::IpAddr;
+
+use serde_json::{json, Map, Value};
+
+/// Facts for `Connect`.
+#[derive(Clone, Debug)]
+pub struct ConnectFacts {
+    /// Destination address.
+    pub ip: IpAddr,
+    /// Destination port.
+    pub port: u16,
+    /// Whether the agent spoke TLS.
+    pub tls: bool,
+    /// The SNI, when there was one.
+    pub sni: Option<String>,
+}
+
+impl ConnectFacts {
+    /// The Cedar context.
+    pub fn to_json(&self) -> Value {
+        json!({
+            "ip": {"__extn": {"fn": "ip", "arg": self.ip.to_string()}},
+            "port": self.port,
+            "tls": self.tls,
+            "sni": self.sni.clone().unwrap_or_default(),
+        })
+    }
+}
+
+/// Selected request headers (see the schema's `Headers`).
+#[derive(Clone, Debug, Default)]
+pub struct HeaderFacts(pub Vec<(&'static str, String)>);
+
+/// The headers policy may read: (HTTP name, context name).
+pub const POLICY_HEADERS: [(&str, &str); 6] = [
+    ("user-agent", "user_agent"),
+    ("content-type", "content_type"),
+    ("openai-organization", "openai_organization"),
+    ("openai-project", "openai_project"),
+    ("anthropic-version", "anthropic_version"),
+    ("anthropic-beta", "anthropic_beta"),
+];
+
+impl HeaderFacts {
+    /// Picks the policy headers out of a request's headers.
+    pub fn from_headers(h: &hyper::HeaderMap) -> Self {
+        Self(
+            POLICY_HEADERS
+                .iter()
+                .filter_map(|(name, key)| {
+                    h.get(*name).and_then(|v| v.to_str().ok()).map(|v| (*key, v.to_owned()))
+                })
+                .collect(),
+        )
+    }
+}
+
+/// Fields of a JSON body (see the schema's `Body`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BodyFacts {
+    /// `model`.
+    pub model: Option<String>,
+    /// `stream`.
+    pub stream: Option<bool>,
+    /// `max_tokens` (or `max_completion_tokens` / `max_output_tokens`).
+    pub max_tokens: Option<i64>,
+}
+
+impl BodyFacts {
+    /// Reads the fields from a JSON body. Not JSON, not an object, too deeply nested
+    /// (serde_json stops at 128 levels): no fields.
+    pub fn from_json_bytes(bytes: &[u8]) -> Self {
+        let Ok(Value::Object(obj)) = serde_json::from_slice::<Value>(bytes) else { return Self::default() };
+        Self {
+            model: obj.get("model").and_then(Value::as_str).map(str::to_owned),
+            stream: obj.get("stream").and_then(Value::as_bool),
+            max_tokens: ["max_tokens", "max_completion_tokens", "max_output_tokens"]
+                .iter()
+                .find_map(|k| obj.get(*k).and_then(Value::as_i64)),
+        }
+    }
+}
+
+/// Facts for `Request`.
+#[derive(Clone, Debug)]
+pub struct RequestFacts {
+    /// Method.
+    pub method: String,
+    /// Path.
+    pub path: String,
+    /// Query string (without `?`).
+    pub query: String,
+    /// Selected headers.
+    pub headers: HeaderFacts,
+    /// JSON body fields.
+    pub body: BodyFacts,
+    /// Local hour, 0-23.
+    pub hour: u8,
+    /// Local weekday, 0 = Monday.
+    pub weekday: u8,
+}
+
+impl RequestFacts {
+    /// The Cedar context.
+    pub fn to_json(&self) -> Value {
+        let headers: Map<String, Value> =
+            self.headers.0.iter().map(|(k, v)| ((*k).to_owned(), Value::String(v.clone()))).collect();
+        let mut body = Map::new();
+        if let Some(m) = &self.body.model {
+            body.insert("model".into(), m.clone().into());
+        }
+        if let Some(s) = self.body.stream {
+            body.insert("stream".into(), s.into());
+        }
+        if let Some(t) = self.body.max_tokens {
+            body.insert("max_tokens".into(), t.into());
+        }
+        json!({
+            "method": self.method,
+            "path": self.path,
+            "query": self.query,
+            "headers": headers,
+            "body": body,
+            "hour": self.hour,
+            "weekday": self.weekday,
+        })
+    }
+}
+
+/// The local hour and weekday (0 = Monday), from the host's time zone.
+pub fn local_hour_weekday() -> (u8, u8) {
+    let now = time::OffsetDateTime::now_local().unwrap_or_else(|_| time::OffsetDateTime::now_utc());
+    (now.hour(), now.weekday().number_days_from_monday())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_fields_from_json_only() {
+        let b = BodyFacts::from_json_bytes(
+            br#"{"model":"gpt-4o-mini","stream":true,"max_completion_tokens":64}"#,
+        );
+        assert_eq!(
+            b,
+            BodyFacts { model: Some("gpt-4o-mini".into()), stream: Some(true), max_tokens: Some(64) }
+        );
+        assert_eq!(BodyFacts::from_json_bytes(b"model=gpt-4o"), BodyFacts::default());
+        assert_eq!(BodyFacts::from_json_bytes(br#"["model"]"#), BodyFacts::default());
+        let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+        assert_eq!(BodyFacts::from_json_bytes(deep.as_bytes()), BodyFacts::default());
+    }
+}

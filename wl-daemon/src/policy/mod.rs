@@ -1,0 +1,496 @@
+//! Policy: Cedar decisions for every connection (`Connect`) and every HTTP request
+//! (`Request`). Pure: facts in, a [`Decision`] out, no I/O besides loading files.
+//!
+//! The schema (`policies/wl.cedarschema`) and the built-in policies
+//! (`policies/default.cedar`) are compiled in. A policy directory replaces the built-in
+//! policies; every set is validated against the schema in strict mode before it is used,
+//! and a set that fails keeps the previous one in force (see [`PolicyStore::reload`]).
+
+pub mod cases;
+pub mod facts;
+
+use std::{
+    collections::{HashMap, HashSet},
+    path::{Path, PathBuf},
+    str::FromStr,
+    sync::Arc,
+};
+
+use arc_swap::ArcSwap;
+use cedar_policy::{
+    Authorizer, Context, Entities, Entity, EntityId, EntityTypeName, EntityUid, PolicyId, PolicySet, Request,
+    RestrictedExpression, Schema, ValidationMode, Validator,
+};
+use serde::Serialize;
+
+use crate::{config::Mode, intercept::identity::AgentIdentity};
+
+/// The schema every policy set is validated against.
+pub const SCHEMA: &str = include_str!("../../../policies/wl.cedarschema");
+/// The built-in policies.
+pub const DEFAULT_POLICIES: &str = include_str!("../../../policies/default.cedar");
+
+/// Why a policy set was refused. Messages name the file and line.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    /// A file could not be read.
+    #[error("cannot read policies from `{}`: {source}", path.display())]
+    Read {
+        /// File or directory.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Syntax errors.
+    #[error("{0}")]
+    Parse(String),
+    /// The set does not validate against the schema.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// The outcome of one evaluation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Decision {
+    /// Whether policy allows it (a permit applies, no forbid applies, and nothing erred).
+    pub allow: bool,
+    /// The policies that determined the decision (the forbids, or the permits).
+    pub policies: Vec<String>,
+    /// Evaluation errors (any error means deny: fail closed).
+    pub errors: Vec<String>,
+}
+
+/// A validated policy set, ready to evaluate.
+pub struct PolicyEngine {
+    schema: Schema,
+    policies: PolicySet,
+    authorizer: Authorizer,
+    /// Where it came from: `<built-in>` or a directory.
+    pub source: String,
+    /// How many policies.
+    pub count: usize,
+}
+
+impl std::fmt::Debug for PolicyEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolicyEngine").field("source", &self.source).field("count", &self.count).finish()
+    }
+}
+
+fn schema() -> Schema {
+    Schema::from_cedarschema_str(SCHEMA).expect("the built-in schema is valid").0
+}
+
+impl PolicyEngine {
+    /// The built-in policies.
+    pub fn builtin() -> Self {
+        Self::from_sources(
+            &[("<built-in>/default.cedar".into(), DEFAULT_POLICIES.into())],
+            "<built-in>".into(),
+        )
+        .expect("the built-in policies are valid")
+    }
+
+    /// Every `*.cedar` file in `dir` (sorted by name).
+    pub fn load_dir(dir: &Path) -> Result<Self, PolicyError> {
+        let read_err = |source| PolicyError::Read { path: dir.to_owned(), source };
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(read_err)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "cedar"))
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            return Err(PolicyError::Invalid(format!(
+                "no *.cedar files in `{}`: an empty set would deny everything",
+                dir.display()
+            )));
+        }
+        let mut sources = Vec::new();
+        for f in files {
+            let text = std::fs::read_to_string(&f)
+                .map_err(|source| PolicyError::Read { path: f.clone(), source })?;
+            sources.push((f.display().to_string(), text));
+        }
+        Self::from_sources(&sources, dir.display().to_string())
+    }
+
+    /// Parses and validates (file name, text) pairs. Policy ids are their `@id`
+    /// annotation, or `FILE:LINE`.
+    pub fn from_sources(sources: &[(String, String)], source: String) -> Result<Self, PolicyError> {
+        let schema = schema();
+        let mut all = PolicySet::new();
+        let mut origin: HashMap<String, (String, usize)> = HashMap::new();
+        let mut parse_errors = Vec::new();
+        for (file, text) in sources {
+            let set = match PolicySet::from_str(text) {
+                Ok(s) => s,
+                Err(e) => {
+                    parse_errors.push(describe(&e, file, text));
+                    continue;
+                }
+            };
+            for policy in set.policies() {
+                let line = policy_line(policy, text);
+                let id =
+                    policy.annotation("id").map(str::to_owned).unwrap_or_else(|| format!("{file}:{line}"));
+                if origin.contains_key(&id) {
+                    parse_errors.push(format!("{file} at line {line}: policy id `{id}` is used twice"));
+                    continue;
+                }
+                origin.insert(id.clone(), (file.clone(), line));
+                all.add(policy.new_id(PolicyId::new(&id))).map_err(|e| PolicyError::Parse(e.to_string()))?;
+            }
+        }
+        if !parse_errors.is_empty() {
+            return Err(PolicyError::Parse(parse_errors.join("\n")));
+        }
+        let result = Validator::new(schema.clone()).validate(&all, ValidationMode::Strict);
+        if !result.validation_passed() {
+            let msgs: Vec<String> = result
+                .validation_errors()
+                .map(|e| {
+                    let id = e.policy_id().to_string();
+                    let (file, start) = origin.get(&id).cloned().unwrap_or_default();
+                    // The offending expression's line when Cedar points at it.
+                    let text =
+                        sources.iter().find(|(f, _)| *f == file).map(|(_, t)| t.as_str()).unwrap_or("");
+                    let line = miette::Diagnostic::labels(e)
+                        .and_then(|mut l| l.next())
+                        .map(|l| text[..l.offset().min(text.len())].matches('\n').count() + 1)
+                        .unwrap_or(start);
+                    format!("{file} at line {line}: policy `{id}`: {e}")
+                })
+                .collect();
+            return Err(PolicyError::Invalid(msgs.join("\n")));
+        }
+        let count = origin.len();
+        Ok(Self { schema, policies: all, authorizer: Authorizer::new(), source, count })
+    }
+
+    /// Decides a connection.
+    pub fn decide_connect(&self, agent: &AgentEntities, facts: &facts::ConnectFacts) -> Decision {
+        self.decide("Connect", agent, facts.to_json())
+    }
+
+    /// Decides an HTTP request.
+    pub fn decide_request(&self, agent: &AgentEntities, facts: &facts::RequestFacts) -> Decision {
+        self.decide("Request", agent, facts.to_json())
+    }
+
+    fn decide(&self, action: &str, agent: &AgentEntities, context: serde_json::Value) -> Decision {
+        let action = uid("Wl::Action", action);
+        let fail = |msg: String| Decision { allow: false, policies: Vec::new(), errors: vec![msg] };
+        let context = match Context::from_json_value(context, Some((&self.schema, &action))) {
+            Ok(c) => c,
+            Err(e) => return fail(format!("context: {e}")),
+        };
+        let request = match Request::new(
+            agent.principal.clone(),
+            action,
+            agent.host.clone(),
+            context,
+            Some(&self.schema),
+        ) {
+            Ok(r) => r,
+            Err(e) => return fail(format!("request: {e}")),
+        };
+        let response = self.authorizer.is_authorized(&request, &self.policies, &agent.entities);
+        let errors: Vec<String> = response.diagnostics().errors().map(|e| e.to_string()).collect();
+        let allow = response.decision() == cedar_policy::Decision::Allow && errors.is_empty();
+        Decision { allow, policies: response.diagnostics().reason().map(|p| p.to_string()).collect(), errors }
+    }
+}
+
+/// The line (1-based) where a policy starts in its file.
+fn policy_line(policy: &cedar_policy::Policy, text: &str) -> usize {
+    let src = policy.to_string();
+    // Policies keep their source text; find it in the file (first match is fine for ids).
+    let first = src.lines().next().unwrap_or_default();
+    text.find(first).map(|off| text[..off].matches('\n').count() + 1).unwrap_or(1)
+}
+
+/// A Cedar diagnostic with the file and line of its first label.
+fn describe(e: &dyn miette::Diagnostic, file: &str, text: &str) -> String {
+    let location = e
+        .labels()
+        .and_then(|mut l| l.next())
+        .map(|l| {
+            let off = l.offset().min(text.len());
+            let line = text[..off].matches('\n').count() + 1;
+            let col = off - text[..off].rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!(" at line {line}, column {col}")
+        })
+        .unwrap_or_default();
+    let mut msg = e.to_string();
+    if let Some(help) = e.help() {
+        msg.push_str(&format!(" ({help})"));
+    }
+    format!("{file}{location}: {msg}")
+}
+
+fn uid(ty: &str, id: &str) -> EntityUid {
+    EntityUid::from_type_name_and_id(
+        EntityTypeName::from_str(ty).expect("static type names are valid"),
+        EntityId::new(id),
+    )
+}
+
+/// The entities one connection's decisions need: the agent with its user, group, unit and
+/// cgroups, and the host. Built once per connection.
+#[derive(Debug)]
+pub struct AgentEntities {
+    principal: EntityUid,
+    host: EntityUid,
+    entities: Entities,
+}
+
+impl AgentEntities {
+    /// Entities for `agent` (unknown agents, such as explicit-listener clients whose socket
+    /// owner is gone, are `Wl::Agent::"unknown"` with no parents) calling `host`.
+    pub fn new(agent: Option<&AgentIdentity>, host: &str) -> Self {
+        let s = |v: &str| RestrictedExpression::new_string(v.to_owned());
+        let (principal, attrs, parents) = match agent {
+            Some(a) => {
+                let user = a.user.clone().unwrap_or_else(|| a.uid.to_string());
+                let mut parents: HashSet<EntityUid> = HashSet::new();
+                parents.insert(uid("Wl::User", &user));
+                parents.insert(uid("Wl::Group", &a.gid.to_string()));
+                if let Some(unit) = &a.unit {
+                    parents.insert(uid("Wl::Unit", unit));
+                }
+                if let Some(cg) = &a.cgroup {
+                    // "/a/b/c" is in "/a/b/c", "/a/b", "/a" and "/".
+                    let mut path = cg.as_str();
+                    loop {
+                        parents.insert(uid("Wl::Cgroup", if path.is_empty() { "/" } else { path }));
+                        match path.rfind('/') {
+                            Some(0) if path.len() > 1 => path = "",
+                            Some(i) if i > 0 => path = &path[..i],
+                            _ => break,
+                        }
+                    }
+                }
+                let attrs: HashMap<String, RestrictedExpression> = [
+                    ("uid".to_owned(), RestrictedExpression::new_long(i64::from(a.uid))),
+                    ("user".to_owned(), s(&user)),
+                    ("unit".to_owned(), s(a.unit.as_deref().unwrap_or(""))),
+                    ("cgroup".to_owned(), s(a.cgroup.as_deref().unwrap_or(""))),
+                    ("exe".to_owned(), s(a.exe.as_deref().unwrap_or(""))),
+                    ("comm".to_owned(), s(&a.comm)),
+                ]
+                .into();
+                (uid("Wl::Agent", &format!("pid:{}", a.pid)), attrs, parents)
+            }
+            None => {
+                let attrs: HashMap<String, RestrictedExpression> = [
+                    ("uid".to_owned(), RestrictedExpression::new_long(-1)),
+                    ("user".to_owned(), s("")),
+                    ("unit".to_owned(), s("")),
+                    ("cgroup".to_owned(), s("")),
+                    ("exe".to_owned(), s("")),
+                    ("comm".to_owned(), s("")),
+                ]
+                .into();
+                (uid("Wl::Agent", "unknown"), attrs, HashSet::new())
+            }
+        };
+        let mut list = Vec::new();
+        for parent in &parents {
+            list.push(Entity::with_uid(parent.clone()));
+        }
+        let agent_entity =
+            Entity::new(principal.clone(), attrs, parents).expect("literal attributes evaluate");
+        list.push(agent_entity);
+        let host_uid = uid("Wl::Host", host);
+        let host_attrs: HashMap<String, RestrictedExpression> = [("name".to_owned(), s(host))].into();
+        list.push(
+            Entity::new(host_uid.clone(), host_attrs, HashSet::new()).expect("literal attributes evaluate"),
+        );
+        let entities = Entities::from_entities(list, None).expect("distinct entities");
+        Self { principal, host: host_uid, entities }
+    }
+}
+
+/// The policy set in force, swapped atomically on reload, and the modes.
+#[derive(Debug)]
+pub struct PolicyStore {
+    engine: ArcSwap<PolicyEngine>,
+    dir: Option<PathBuf>,
+    mode: Mode,
+    host_modes: HashMap<String, Mode>,
+}
+
+impl PolicyStore {
+    /// Loads from `dir` (or the built-in set when `None`).
+    pub fn load(
+        dir: Option<&Path>,
+        mode: Mode,
+        host_modes: HashMap<String, Mode>,
+    ) -> Result<Self, PolicyError> {
+        let engine = match dir {
+            Some(d) => PolicyEngine::load_dir(d)?,
+            None => PolicyEngine::builtin(),
+        };
+        Ok(Self { engine: ArcSwap::from_pointee(engine), dir: dir.map(Path::to_owned), mode, host_modes })
+    }
+
+    /// The set in force.
+    pub fn current(&self) -> Arc<PolicyEngine> {
+        self.engine.load_full()
+    }
+
+    /// The mode for `host` (a per-host override, or the global mode).
+    pub fn mode_for(&self, host: &str) -> Mode {
+        self.host_modes.get(host).copied().unwrap_or(self.mode)
+    }
+
+    /// Re-reads the directory; on any error the previous set stays in force.
+    pub fn reload(&self) -> Result<usize, PolicyError> {
+        let Some(dir) = &self.dir else { return Ok(self.current().count) };
+        let engine = PolicyEngine::load_dir(dir)?;
+        let count = engine.count;
+        self.engine.store(Arc::new(engine));
+        Ok(count)
+    }
+
+    /// The policy directory, if any.
+    pub fn dir(&self) -> Option<&Path> {
+        self.dir.as_deref()
+    }
+}
+
+/// Reloads `store` whenever a `*.cedar` file in its directory changes (polled: a change
+/// decides within `interval`), until the task is dropped.
+pub async fn watch(store: Arc<PolicyStore>, interval: std::time::Duration) {
+    let Some(dir) = store.dir().map(Path::to_owned) else { return };
+    let mut last = fingerprint(&dir);
+    loop {
+        tokio::time::sleep(interval).await;
+        let now = fingerprint(&dir);
+        if now != last {
+            last = now;
+            reload_and_log(&store, "policy directory changed");
+        }
+    }
+}
+
+/// Reloads and logs the outcome; the previous set stays in force on error.
+pub fn reload_and_log(store: &PolicyStore, why: &str) {
+    match store.reload() {
+        Ok(count) => tracing::info!(policies = count, why, "policies reloaded"),
+        Err(e) => {
+            tracing::error!(error = %e, why, "policy reload refused; the previous policies stay in force")
+        }
+    }
+}
+
+/// Names, sizes and modification times of the `*.cedar` files.
+fn fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<std::time::SystemTime>)> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter(|e| e.path().extension().is_some_and(|x| x == "cedar"))
+                .filter_map(|e| e.metadata().ok().map(|m| (e.path(), m.len(), m.modified().ok())))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn agent(cgroup: &str, uid: u32) -> AgentIdentity {
+        AgentIdentity {
+            pid: 42,
+            tid: 42,
+            uid,
+            gid: uid,
+            user: Some(if uid == 0 { "root".into() } else { format!("u{uid}") }),
+            comm: "python3".into(),
+            exe: Some("/usr/bin/python3".into()),
+            cgroup: Some(cgroup.into()),
+            cgroup_id: 7,
+            unit: crate::intercept::cgroup::unit_of_cgroup(cgroup),
+        }
+    }
+
+    fn chat(model: Option<&str>) -> facts::RequestFacts {
+        facts::RequestFacts {
+            method: "POST".into(),
+            path: "/v1/chat/completions".into(),
+            query: String::new(),
+            headers: Default::default(),
+            body: facts::BodyFacts { model: model.map(str::to_owned), ..Default::default() },
+            hour: 10,
+            weekday: 1,
+        }
+    }
+
+    #[test]
+    fn builtin_allows_and_forbids_cloud_metadata() {
+        let engine = PolicyEngine::builtin();
+        let a = AgentEntities::new(Some(&agent("/agents.slice/bot.service", 1000)), "169.254.169.254");
+        let meta =
+            facts::ConnectFacts { ip: "169.254.169.254".parse().unwrap(), port: 80, tls: false, sni: None };
+        let d = engine.decide_connect(&a, &meta);
+        assert!(!d.allow);
+        assert_eq!(d.policies, vec!["deny-cloud-metadata".to_string()]);
+        let api = facts::ConnectFacts {
+            ip: "127.0.1.1".parse().unwrap(),
+            port: 443,
+            tls: true,
+            sni: Some("api.openai.com".into()),
+        };
+        assert!(engine.decide_connect(&AgentEntities::new(None, "api.openai.com"), &api).allow);
+        assert!(engine.decide_request(&AgentEntities::new(None, "api.openai.com"), &chat(None)).allow);
+    }
+
+    #[test]
+    fn models_cgroups_and_missing_fields() {
+        let src = r#"
+            @id("mini-only")
+            permit(principal in Wl::Cgroup::"/agents.slice", action == Wl::Action::"Request", resource == Wl::Host::"api.openai.com")
+            when { context.body has model && context.body.model == "gpt-4o-mini" };
+        "#;
+        let engine = PolicyEngine::from_sources(&[("t.cedar".into(), src.into())], "t".into()).unwrap();
+        let inside = AgentEntities::new(Some(&agent("/agents.slice/bot.service", 1000)), "api.openai.com");
+        let outside = AgentEntities::new(Some(&agent("/other.slice/x.service", 1000)), "api.openai.com");
+        let d = engine.decide_request(&inside, &chat(Some("gpt-4o-mini")));
+        assert!(d.allow && d.policies == vec!["mini-only".to_string()], "{d:?}");
+        assert!(!engine.decide_request(&inside, &chat(Some("gpt-4o"))).allow);
+        assert!(
+            !engine.decide_request(&inside, &chat(None)).allow,
+            "no body field: the policy decides as written"
+        );
+        assert!(!engine.decide_request(&outside, &chat(Some("gpt-4o-mini"))).allow);
+    }
+
+    #[test]
+    fn errors_name_file_and_line() {
+        let bad_syntax = "permit(principal, action, resource)\nwhen { context.x == };\n";
+        let e = PolicyEngine::from_sources(&[("p.cedar".into(), bad_syntax.into())], "t".into())
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("p.cedar at line 2"), "{e}");
+        let bad_type = "\n\n@id(\"typo\")\npermit(principal, action == Wl::Action::\"Request\", resource) when { context.modle == \"x\" };\n";
+        let e = PolicyEngine::from_sources(&[("q.cedar".into(), bad_type.into())], "t".into())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("q.cedar at line 4") && e.contains("typo") && e.contains("modle"), "{e}");
+    }
+
+    #[test]
+    fn the_examples_validate() {
+        for f in ["openai.cedar", "anthropic.cedar"] {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/examples").join(f);
+            let text = std::fs::read_to_string(&path).unwrap();
+            PolicyEngine::from_sources(&[(f.into(), text)], "examples".into())
+                .unwrap_or_else(|e| panic!("{f}: {e}"));
+        }
+    }
+}
