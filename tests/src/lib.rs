@@ -169,11 +169,12 @@ impl DaemonConfig {
     fn render(&self, dir: &Path, pin_dir: &Path) -> String {
         let list = |v: &[String]| v.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ");
         format!(
-            "mode = {mode:?}\nstate_dir = {state:?}\n\n[intercept]\ncgroups = [{cgroups}]\nports = [{ports}]\n\
+            "mode = {mode:?}\nstate_dir = {state:?}\nadmin_socket = {admin:?}\n\n[intercept]\ncgroups = [{cgroups}]\nports = [{ports}]\n\
              listen = [{listen}]\nexclude = [{exclude}]\nblock_quic = {quic}\nfail = {fail:?}\npin_dir = {pin:?}\n\n\
              [audit]\npath = {audit:?}\n\n[policy]\ndir = {policies:?}\n{policy}\n{extra}\n",
             mode = self.mode,
             state = dir.join("state").display().to_string(),
+            admin = dir.join("admin.sock").display().to_string(),
             cgroups = list(&self.cgroups),
             ports = self.ports.iter().map(u16::to_string).collect::<Vec<_>>().join(", "),
             listen = list(&self.listen),

@@ -284,3 +284,89 @@ expect = "allow"
     let (code, _, _) = run(&["policy", "test", cases.to_str().unwrap(), "--policies", bad.to_str().unwrap()]);
     assert_eq!(code, Some(2));
 }
+
+#[test]
+fn wlctl_switches_the_mode_live_and_reloads() {
+    let agents = TestCgroup::new("mode");
+    let home = DaemonHome::new();
+    let dir = home.dir.path();
+    let root = TestRoot::new(dir);
+    let _api = FakeApi::start(dir, "127.0.1.23", &root.server_cert("api", &[API], false));
+    home.write_policy(
+        "wl.cedar",
+        "@id(\"allow-all\")\npermit(principal, action, resource);\n@id(\"no-models\")\nforbid(principal, action == Wl::Action::\"Request\", resource) when { context.path == \"/v1/models\" };\n",
+    );
+    let _daemon = start(&home, &[&agents], &root, "observe", "");
+    let view =
+        AgentView::new(dir, &[(API, "127.0.1.23")], &[&home.dir.path().join("state/ca/beacon-ca.pem")]);
+    let status = || {
+        let out = output(view.command(Some(&agents), "curl").args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &format!("https://{API}/v1/models"),
+        ]));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let config = dir.join("wl.toml");
+    let wlctl = |args: &[&str]| {
+        let out = Command::new(bin("wlctl")).arg("--config").arg(&config).args(args).output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    assert_eq!(status(), "200", "observe lets it through");
+    let (code, out, err) = wlctl(&["mode", "enforce"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("mode: enforce (was observe)"), "{out}");
+    assert_eq!(status(), "403", "enforce denies it");
+    let (_, out, _) = wlctl(&["status"]);
+    assert!(out.contains("mode:      enforce") && out.contains("policies:  2"), "{out}");
+    let (_, out, _) = wlctl(&["status", "--json"]);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["cgroups"], serde_json::json!([agents.name]));
+    assert_eq!(wlctl(&["mode", "observe"]).0, Some(0));
+    assert_eq!(status(), "200");
+
+    // wlctl reload: a broken set is refused and said so; the previous one stays.
+    home.write_policy("broken.cedar", "permit(principal, action, resource) when { context.nope };\n");
+    let (code, _, err) = wlctl(&["reload"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("reload refused") && err.contains("broken.cedar"), "{err}");
+    std::fs::remove_file(home.policy_dir().join("broken.cedar")).unwrap();
+    let (code, out, err) = wlctl(&["reload"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("reloaded: 2 policies"), "{out}");
+}
+
+#[test]
+fn a_denied_connection_is_reset_in_enforce() {
+    let agents = TestCgroup::new("connect");
+    let home = DaemonHome::new();
+    let dir = home.dir.path();
+    let root = TestRoot::new(dir);
+    let api = FakeApi::start(dir, "127.0.1.24", &root.server_cert("api", &[API], false));
+    home.write_policy(
+        "wl.cedar",
+        &format!(
+            "@id(\"allow-all\")\npermit(principal, action, resource);\n@id(\"no-openai-here\")\nforbid(principal in Wl::Cgroup::\"{}\", action == Wl::Action::\"Connect\", resource == Wl::Host::\"{API}\");\n",
+            agents.name
+        ),
+    );
+    let _daemon = start(&home, &[&agents], &root, "enforce", "");
+    let view =
+        AgentView::new(dir, &[(API, "127.0.1.24")], &[&home.dir.path().join("state/ca/beacon-ca.pem")]);
+    let out = output(view.command(Some(&agents), "curl").args(["-sS", &format!("https://{API}/v1/models")]));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("reset") || err.contains("Connection reset"), "{err}");
+    assert!(api.entries("request").is_empty());
+    let rec = home
+        .wait_audit("for the denied connection", |r| r["kind"] == "connection" && r["decision"] == "deny");
+    assert_eq!(rec["policies"], serde_json::json!(["no-openai-here"]));
+    assert!(rec["error"].as_str().unwrap().contains("denied by policy"), "{rec}");
+}

@@ -28,6 +28,18 @@ pub enum Mode {
     Enforce,
 }
 
+impl std::str::FromStr for Mode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "observe" => Ok(Mode::Observe),
+            "enforce" => Ok(Mode::Enforce),
+            other => Err(format!("unknown mode `{other}`: use observe or enforce")),
+        }
+    }
+}
+
 /// What happens to intercepted connections while the daemon is not running.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -50,6 +62,9 @@ pub struct Config {
     /// Where wl keeps its state (lock file, later the CA and the broker's store).
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
+    /// The admin socket `wlctl` talks to.
+    #[serde(default = "default_admin_socket")]
+    pub admin_socket: PathBuf,
     /// Which connections are intercepted and where they go.
     #[serde(default)]
     pub intercept: InterceptConfig,
@@ -243,6 +258,9 @@ pub struct AuditConfig {
 
 fn default_state_dir() -> PathBuf {
     PathBuf::from("/var/lib/wl")
+}
+fn default_admin_socket() -> PathBuf {
+    PathBuf::from("/run/wl/admin.sock")
 }
 fn default_cgroups() -> Vec<String> {
     vec!["/".into()]

@@ -14,6 +14,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
+    admin,
     audit::AuditLog,
     config::{Config, FailMode},
     intercept::{self, cgroup, identity::IdentityResolver, Interceptor},
@@ -75,6 +76,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let policy = Arc::new(PolicyStore::load(policy_dir, config.mode, host_modes)?);
     tracing::info!(source = %policy.current().source, policies = policy.current().count, "policies loaded");
 
+    let admin_listener = admin::bind(&config.admin_socket)?;
     let (audit, audit_writer) = AuditLog::open(&config.audit.path).await?;
     let interceptor = Interceptor::start(&config.intercept, &mount, &bound)?;
     let attached = interceptor.attached().to_vec();
@@ -130,6 +132,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
 
     let watcher = tokio::spawn(policy::watch(policy.clone(), POLICY_POLL));
+    let admin_task = tokio::spawn(admin::serve(
+        admin_listener,
+        Arc::new(admin::AdminState {
+            policy: policy.clone(),
+            cgroups: attached.clone(),
+            listeners: bound.iter().map(|a| a.to_string()).collect(),
+            started: std::time::Instant::now(),
+        }),
+    ));
     loop {
         tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break }
@@ -138,6 +149,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     }
     watcher.abort();
+    admin_task.abort();
+    let _ = std::fs::remove_file(&config.admin_socket);
 
     // Stop accepting, give open connections a moment, then cut them (each still writes
     // its audit record).

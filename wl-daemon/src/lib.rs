@@ -5,6 +5,7 @@
 //! [`proxy`] (listeners, relaying) → [`audit`] (the trail). [`config`] is read by all and
 //! depends on none; [`daemon`] wires them together for `wl-daemon run`.
 
+pub mod admin;
 pub mod audit;
 pub mod config;
 pub mod daemon;

@@ -4,7 +4,7 @@
 use std::{io::BufRead, path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
-use wl_daemon::{config::Config, tls::ca};
+use wl_daemon::{admin::AdminRequest, config::Config, tls::ca};
 
 /// Where packaged installs keep the configuration.
 const DEFAULT_CONFIG: &str = "/etc/wl/wl.toml";
@@ -21,6 +21,19 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// What the running daemon is doing: mode, policies, cgroups, listeners.
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the mode, or switch it live (observe | enforce).
+    Mode {
+        /// The new mode; without it, the current one is shown.
+        mode: Option<wl_daemon::config::Mode>,
+    },
+    /// Reload the policy directory now (as SIGHUP does).
+    Reload,
     /// The beacon CA agents trust for governed hosts.
     Ca {
         #[command(subcommand)]
@@ -107,6 +120,39 @@ enum AuditCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Status { json } => admin(cli.config.as_deref(), AdminRequest::Status, |v| {
+            if json {
+                println!("{v}");
+            } else {
+                println!("wl-daemon {}, up {} s", v["version"].as_str().unwrap_or("?"), v["uptime_s"]);
+                println!("mode:      {}", v["mode"].as_str().unwrap_or("?"));
+                if v["host_modes"].as_object().is_some_and(|m| !m.is_empty()) {
+                    println!("per host:  {}", v["host_modes"]);
+                }
+                println!(
+                    "policies:  {} from {}",
+                    v["policies"]["count"],
+                    v["policies"]["source"].as_str().unwrap_or("?")
+                );
+                println!("cgroups:   {}", v["cgroups"]);
+                println!("listeners: {}", v["listeners"]);
+            }
+        }),
+        Command::Mode { mode: None } => admin(cli.config.as_deref(), AdminRequest::Status, |v| {
+            println!("{}", v["mode"].as_str().unwrap_or("?"));
+        }),
+        Command::Mode { mode: Some(mode) } => {
+            admin(cli.config.as_deref(), AdminRequest::Mode { mode }, |v| {
+                println!(
+                    "mode: {} (was {})",
+                    v["mode"].as_str().unwrap_or("?"),
+                    v["previous"].as_str().unwrap_or("?")
+                );
+            })
+        }
+        Command::Reload => admin(cli.config.as_deref(), AdminRequest::Reload, |v| {
+            println!("reloaded: {} policies", v["policies"]);
+        }),
         Command::Ca { command } => {
             match load_config(cli.config.as_deref()).and_then(|cfg| ca_command(command, &cfg)) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -326,6 +372,37 @@ fn policy_command(command: PolicyCommand, cfg: &Config) -> ExitCode {
             } else {
                 ExitCode::from(4)
             }
+        }
+    }
+}
+
+/// Sends one request to the daemon's admin socket; prints the reply with `show` or the
+/// daemon's error. Exit 1 when the daemon is unreachable or refuses.
+fn admin(
+    config: Option<&std::path::Path>,
+    req: AdminRequest,
+    show: impl FnOnce(&serde_json::Value),
+) -> ExitCode {
+    let cfg = match load_config(config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("wlctl: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
+    match rt.block_on(wl_daemon::admin::request(&cfg.admin_socket, &req)) {
+        Ok(v) if v["ok"] == true => {
+            show(&v);
+            ExitCode::SUCCESS
+        }
+        Ok(v) => {
+            eprintln!("wlctl: {}", v["error"].as_str().unwrap_or("the daemon refused"));
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("wlctl: {e}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -318,7 +318,8 @@ impl AgentEntities {
 pub struct PolicyStore {
     engine: ArcSwap<PolicyEngine>,
     dir: Option<PathBuf>,
-    mode: Mode,
+    /// The global mode; switched live by `wlctl mode` (0 observe, 1 enforce).
+    mode: std::sync::atomic::AtomicU8,
     host_modes: HashMap<String, Mode>,
 }
 
@@ -333,7 +334,12 @@ impl PolicyStore {
             Some(d) => PolicyEngine::load_dir(d)?,
             None => PolicyEngine::builtin(),
         };
-        Ok(Self { engine: ArcSwap::from_pointee(engine), dir: dir.map(Path::to_owned), mode, host_modes })
+        Ok(Self {
+            engine: ArcSwap::from_pointee(engine),
+            dir: dir.map(Path::to_owned),
+            mode: std::sync::atomic::AtomicU8::new(mode_to_u8(mode)),
+            host_modes,
+        })
     }
 
     /// The set in force.
@@ -343,7 +349,25 @@ impl PolicyStore {
 
     /// The mode for `host` (a per-host override, or the global mode).
     pub fn mode_for(&self, host: &str) -> Mode {
-        self.host_modes.get(host).copied().unwrap_or(self.mode)
+        self.host_modes.get(host).copied().unwrap_or_else(|| self.mode())
+    }
+
+    /// The global mode.
+    pub fn mode(&self) -> Mode {
+        match self.mode.load(std::sync::atomic::Ordering::Relaxed) {
+            1 => Mode::Enforce,
+            _ => Mode::Observe,
+        }
+    }
+
+    /// Switches the global mode (per-host overrides stay).
+    pub fn set_mode(&self, mode: Mode) {
+        self.mode.store(mode_to_u8(mode), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The per-host overrides.
+    pub fn host_modes(&self) -> &HashMap<String, Mode> {
+        &self.host_modes
     }
 
     /// Re-reads the directory; on any error the previous set stays in force.
@@ -358,6 +382,13 @@ impl PolicyStore {
     /// The policy directory, if any.
     pub fn dir(&self) -> Option<&Path> {
         self.dir.as_deref()
+    }
+}
+
+fn mode_to_u8(mode: Mode) -> u8 {
+    match mode {
+        Mode::Observe => 0,
+        Mode::Enforce => 1,
     }
 }
 
