@@ -75,6 +75,9 @@ pub struct ConnContext {
     /// The parts.
     pub shared: Arc<Shared>,
     requests: AtomicU64,
+    /// Policy entities for the last host decided on this connection: built once per
+    /// connection (per host on plain HTTP), not per request.
+    entities: std::sync::Mutex<Option<(String, Arc<AgentEntities>)>>,
 }
 
 impl ConnContext {
@@ -88,12 +91,35 @@ impl ConnContext {
         scheme: Scheme,
         shared: Arc<Shared>,
     ) -> Self {
-        Self { conn_id, agent, bound_host, fixed_host, dst, scheme, shared, requests: AtomicU64::new(0) }
+        Self {
+            conn_id,
+            agent,
+            bound_host,
+            fixed_host,
+            dst,
+            scheme,
+            shared,
+            requests: AtomicU64::new(0),
+            entities: std::sync::Mutex::new(None),
+        }
     }
 
     /// Requests served so far.
     pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
+    }
+
+    /// The policy entities for `host`, cached for the connection.
+    fn entities(&self, host: &str) -> Arc<AgentEntities> {
+        let mut cached = self.entities.lock().expect("entity cache poisoned");
+        match &*cached {
+            Some((h, e)) if h == host => e.clone(),
+            _ => {
+                let e = Arc::new(AgentEntities::new(self.agent.as_ref(), host));
+                *cached = Some((host.to_owned(), e.clone()));
+                e
+            }
+        }
     }
 }
 
@@ -233,7 +259,7 @@ async fn handle(mut req: Request<Incoming>, ctx: Arc<ConnContext>) -> Response<P
         hour,
         weekday,
     };
-    let entities = AgentEntities::new(ctx.agent.as_ref(), &host);
+    let entities = ctx.entities(&host);
     let decision = shared.policy.current().decide_request(&entities, &request_facts);
     let mode = shared.policy.mode_for(&host);
     record.set_decision(&decision, mode);

@@ -1,0 +1,72 @@
+//! Cedar evaluation per request with 10 and 1,000 policies, as `cargo xtask bench` reports
+//! it: the entities for the agent and host plus one `Request` decision, as the proxy does
+//! per request. Prints one JSON object of p50/p99 in microseconds.
+
+use std::time::Instant;
+
+use wl_daemon::{
+    intercept::identity::AgentIdentity,
+    policy::{
+        facts::{BodyFacts, HeaderFacts, RequestFacts},
+        AgentEntities, PolicyEngine,
+    },
+};
+
+fn policies(n: usize) -> String {
+    let mut s = String::from("@id(\"no-uploads\")\nforbid(principal, action == Wl::Action::\"Request\", resource) when { context.path like \"/v1/files*\" };\n");
+    for i in 0..n - 1 {
+        s.push_str(&format!(
+            "@id(\"bot{i}\")\npermit(principal in Wl::Cgroup::\"/agents.slice/bot{i}.service\", action == Wl::Action::\"Request\", resource == Wl::Host::\"api.openai.com\") \
+             when {{ context.method == \"POST\" && context.path == \"/v1/chat/completions\" && context.body has model && [\"gpt-4o-mini\", \"gpt-4.1-mini\"].contains(context.body.model) }};\n"
+        ));
+    }
+    s
+}
+
+fn percentiles(mut v: Vec<f64>) -> (f64, f64) {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    (v[v.len() / 2], v[v.len() * 99 / 100])
+}
+
+fn main() {
+    let agent = AgentIdentity {
+        pid: 4242,
+        tid: 4242,
+        uid: 1000,
+        gid: 1000,
+        user: Some("bot".into()),
+        comm: "python3".into(),
+        exe: Some("/usr/bin/python3".into()),
+        cgroup: Some("/agents.slice/bot7.service".into()),
+        cgroup_id: 99,
+        unit: Some("bot7.service".into()),
+    };
+    let facts = RequestFacts {
+        method: "POST".into(),
+        path: "/v1/chat/completions".into(),
+        query: String::new(),
+        headers: HeaderFacts(vec![("content_type", "application/json".into())]),
+        body: BodyFacts { model: Some("gpt-4o-mini".into()), stream: Some(false), max_tokens: Some(256) },
+        hour: 10,
+        weekday: 2,
+    };
+    let mut out = Vec::new();
+    for n in [10usize, 1000] {
+        let engine = PolicyEngine::from_sources(&[("bench.cedar".into(), policies(n))], "bench".into())
+            .expect("valid");
+        let mut samples = Vec::with_capacity(5000);
+        for i in 0..5500 {
+            let t = Instant::now();
+            let entities = AgentEntities::new(Some(&agent), "api.openai.com");
+            let d = engine.decide_request(&entities, &facts);
+            let us = t.elapsed().as_secs_f64() * 1e6;
+            assert!(d.allow);
+            if i >= 500 {
+                samples.push(us);
+            }
+        }
+        let (p50, p99) = percentiles(samples);
+        out.push(format!("\"p50_{n}_us\": {p50:.2}, \"p99_{n}_us\": {p99:.2}"));
+    }
+    println!("{{{}}}", out.join(", "));
+}
