@@ -370,3 +370,18 @@ fn a_denied_connection_is_reset_in_enforce() {
     assert_eq!(rec["policies"], serde_json::json!(["no-openai-here"]));
     assert!(rec["error"].as_str().unwrap().contains("denied by policy"), "{rec}");
 }
+
+#[test]
+fn the_shipped_example_cases_pass() {
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/examples");
+    let out = Command::new(bin("wlctl"))
+        .args(["policy", "test"])
+        .arg(examples.join("openai.cases.toml"))
+        .arg("--policies")
+        .arg(&examples)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("10 passed, 0 failed"), "{text}");
+}
