@@ -4,6 +4,7 @@
 
 use std::net::IpAddr;
 
+use cedar_policy::RestrictedExpression;
 use serde_json::{json, Map, Value};
 
 /// Facts for `Connect`.
@@ -19,8 +20,30 @@ pub struct ConnectFacts {
     pub sni: Option<String>,
 }
 
+/// Context entries, built directly (no JSON round trip: Cedar's JSON parser tries and
+/// formats an error for every escape form a plain value is not, which dominated the cost).
+pub type Pairs = Vec<(String, RestrictedExpression)>;
+
+fn string(v: &str) -> RestrictedExpression {
+    RestrictedExpression::new_string(v.to_owned())
+}
+
+fn record(pairs: Pairs) -> RestrictedExpression {
+    RestrictedExpression::new_record(pairs).expect("distinct keys")
+}
+
 impl ConnectFacts {
-    /// The Cedar context.
+    /// The Cedar context entries.
+    pub fn to_pairs(&self) -> Pairs {
+        vec![
+            ("ip".into(), RestrictedExpression::new_ip(self.ip.to_string())),
+            ("port".into(), RestrictedExpression::new_long(i64::from(self.port))),
+            ("tls".into(), RestrictedExpression::new_bool(self.tls)),
+            ("sni".into(), string(self.sni.as_deref().unwrap_or(""))),
+        ]
+    }
+
+    /// The Cedar context as JSON (for the record; decisions use [`Self::to_pairs`]).
     pub fn to_json(&self) -> Value {
         json!({
             "ip": {"__extn": {"fn": "ip", "arg": self.ip.to_string()}},
@@ -105,7 +128,31 @@ pub struct RequestFacts {
 }
 
 impl RequestFacts {
-    /// The Cedar context.
+    /// The Cedar context entries.
+    pub fn to_pairs(&self) -> Pairs {
+        let headers: Pairs = self.headers.0.iter().map(|(k, v)| ((*k).to_owned(), string(v))).collect();
+        let mut body: Pairs = Vec::new();
+        if let Some(m) = &self.body.model {
+            body.push(("model".into(), string(m)));
+        }
+        if let Some(s) = self.body.stream {
+            body.push(("stream".into(), RestrictedExpression::new_bool(s)));
+        }
+        if let Some(t) = self.body.max_tokens {
+            body.push(("max_tokens".into(), RestrictedExpression::new_long(t)));
+        }
+        vec![
+            ("method".into(), string(&self.method)),
+            ("path".into(), string(&self.path)),
+            ("query".into(), string(&self.query)),
+            ("headers".into(), record(headers)),
+            ("body".into(), record(body)),
+            ("hour".into(), RestrictedExpression::new_long(i64::from(self.hour))),
+            ("weekday".into(), RestrictedExpression::new_long(i64::from(self.weekday))),
+        ]
+    }
+
+    /// The Cedar context as JSON (for the record; decisions use [`Self::to_pairs`]).
     pub fn to_json(&self) -> Value {
         let headers: Map<String, Value> =
             self.headers.0.iter().map(|(k, v)| ((*k).to_owned(), Value::String(v.clone()))).collect();

@@ -18,8 +18,9 @@ use std::{
 
 use arc_swap::ArcSwap;
 use cedar_policy::{
-    Authorizer, Context, Entities, Entity, EntityId, EntityTypeName, EntityUid, PolicyId, PolicySet, Request,
-    RestrictedExpression, Schema, ValidationMode, Validator,
+    ActionConstraint, Authorizer, Context, Entities, Entity, EntityId, EntityTypeName, EntityUid, Policy,
+    PolicyId, PolicySet, PrincipalConstraint, Request, ResourceConstraint, RestrictedExpression, Schema,
+    ValidationMode, Validator,
 };
 use serde::Serialize;
 
@@ -61,10 +62,50 @@ pub struct Decision {
     pub errors: Vec<String>,
 }
 
+/// A policy with its scope, for the prefilter.
+struct Scoped {
+    policy: Policy,
+    principal: PrincipalConstraint,
+    action: ActionConstraint,
+    resource: ResourceConstraint,
+}
+
+impl Scoped {
+    /// Could this policy apply to `action` by `agent` on its host? Only the scope is
+    /// checked, exactly as Cedar checks it first: a policy whose scope does not match is
+    /// neither satisfied nor evaluated, so leaving it out changes no decision.
+    fn may_apply(&self, action: &EntityUid, agent: &AgentEntities) -> bool {
+        let principal_in = |u: &EntityUid| *u == agent.principal || agent.ancestors.contains(u);
+        let principal = match &self.principal {
+            PrincipalConstraint::Any => true,
+            PrincipalConstraint::Eq(u) => *u == agent.principal,
+            PrincipalConstraint::In(u) => principal_in(u),
+            PrincipalConstraint::Is(t) => t == agent.principal.type_name(),
+            PrincipalConstraint::IsIn(t, u) => t == agent.principal.type_name() && principal_in(u),
+        };
+        let action = match &self.action {
+            ActionConstraint::Any => true,
+            ActionConstraint::Eq(a) => a == action,
+            ActionConstraint::In(list) => list.contains(action),
+        };
+        // Hosts have no parents: `in` a host is being that host.
+        let resource = match &self.resource {
+            ResourceConstraint::Any => true,
+            ResourceConstraint::Eq(u) | ResourceConstraint::In(u) => *u == agent.host,
+            ResourceConstraint::Is(t) => t == agent.host.type_name(),
+            ResourceConstraint::IsIn(t, u) => t == agent.host.type_name() && *u == agent.host,
+        };
+        principal && action && resource
+    }
+}
+
+/// Engines get a new generation each, so that per-connection caches notice a reload.
+static GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 /// A validated policy set, ready to evaluate.
 pub struct PolicyEngine {
-    schema: Schema,
-    policies: PolicySet,
+    scoped: Vec<Scoped>,
+    generation: u64,
     authorizer: Authorizer,
     /// Where it came from: `<built-in>` or a directory.
     pub source: String,
@@ -166,37 +207,45 @@ impl PolicyEngine {
             return Err(PolicyError::Invalid(msgs.join("\n")));
         }
         let count = origin.len();
-        Ok(Self { schema, policies: all, authorizer: Authorizer::new(), source, count })
+        let scoped = all
+            .policies()
+            .map(|p| Scoped {
+                policy: p.clone(),
+                principal: p.principal_constraint(),
+                action: p.action_constraint(),
+                resource: p.resource_constraint(),
+            })
+            .collect();
+        let generation = GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(Self { scoped, generation, authorizer: Authorizer::new(), source, count })
     }
 
     /// Decides a connection.
     pub fn decide_connect(&self, agent: &AgentEntities, facts: &facts::ConnectFacts) -> Decision {
-        self.decide("Connect", agent, facts.to_json())
+        self.decide("Connect", agent, facts.to_pairs())
     }
 
     /// Decides an HTTP request.
     pub fn decide_request(&self, agent: &AgentEntities, facts: &facts::RequestFacts) -> Decision {
-        self.decide("Request", agent, facts.to_json())
+        self.decide("Request", agent, facts.to_pairs())
     }
 
-    fn decide(&self, action: &str, agent: &AgentEntities, context: serde_json::Value) -> Decision {
-        let action = uid("Wl::Action", action);
+    fn decide(&self, action_name: &'static str, agent: &AgentEntities, context: facts::Pairs) -> Decision {
+        let action = uid("Wl::Action", action_name);
+        let request_action = action.clone();
         let fail = |msg: String| Decision { allow: false, policies: Vec::new(), errors: vec![msg] };
-        let context = match Context::from_json_value(context, Some((&self.schema, &action))) {
+        // The context is built by wl itself (facts.rs) and a unit test checks its shape
+        // against the schema; validating it again per request would cost more than deciding.
+        let context = match Context::from_pairs(context) {
             Ok(c) => c,
             Err(e) => return fail(format!("context: {e}")),
         };
-        let request = match Request::new(
-            agent.principal.clone(),
-            action,
-            agent.host.clone(),
-            context,
-            Some(&self.schema),
-        ) {
+        let request = match Request::new(agent.principal.clone(), action, agent.host.clone(), context, None) {
             Ok(r) => r,
             Err(e) => return fail(format!("request: {e}")),
         };
-        let response = self.authorizer.is_authorized(&request, &self.policies, &agent.entities);
+        let relevant = agent.relevant(self, action_name, &request_action);
+        let response = self.authorizer.is_authorized(&request, &relevant, &agent.entities);
         let errors: Vec<String> = response.diagnostics().errors().map(|e| e.to_string()).collect();
         let allow = response.decision() == cedar_policy::Decision::Allow && errors.is_empty();
         Decision { allow, policies: response.diagnostics().reason().map(|p| p.to_string()).collect(), errors }
@@ -243,7 +292,36 @@ fn uid(ty: &str, id: &str) -> EntityUid {
 pub struct AgentEntities {
     principal: EntityUid,
     host: EntityUid,
+    ancestors: HashSet<EntityUid>,
     entities: Entities,
+    /// The policies that may apply to this agent and host, per engine generation and
+    /// action: Cedar evaluates every policy it is given, so giving it only these keeps a
+    /// large set cheap.
+    relevant: std::sync::Mutex<Vec<(u64, &'static str, Arc<PolicySet>)>>,
+}
+
+impl AgentEntities {
+    fn relevant(
+        &self,
+        engine: &PolicyEngine,
+        action_name: &'static str,
+        action: &EntityUid,
+    ) -> Arc<PolicySet> {
+        let mut cache = self.relevant.lock().expect("policy subset cache poisoned");
+        if let Some((_, _, set)) = cache.iter().find(|(g, a, _)| *g == engine.generation && *a == action_name)
+        {
+            return set.clone();
+        }
+        let mut set = PolicySet::new();
+        for s in engine.scoped.iter().filter(|s| s.may_apply(action, self)) {
+            // INVARIANT: ids are unique in the engine, so adding a subset cannot clash.
+            set.add(s.policy.clone()).expect("unique policy ids");
+        }
+        let set = Arc::new(set);
+        cache.retain(|(g, _, _)| *g == engine.generation);
+        cache.push((engine.generation, action_name, set.clone()));
+        set
+    }
 }
 
 impl AgentEntities {
@@ -300,6 +378,7 @@ impl AgentEntities {
         for parent in &parents {
             list.push(Entity::with_uid(parent.clone()));
         }
+        let ancestors = parents.clone();
         let agent_entity =
             Entity::new(principal.clone(), attrs, parents).expect("literal attributes evaluate");
         list.push(agent_entity);
@@ -309,7 +388,7 @@ impl AgentEntities {
             Entity::new(host_uid.clone(), host_attrs, HashSet::new()).expect("literal attributes evaluate"),
         );
         let entities = Entities::from_entities(list, None).expect("distinct entities");
-        Self { principal, host: host_uid, entities }
+        Self { principal, host: host_uid, ancestors, entities, relevant: std::sync::Mutex::new(Vec::new()) }
     }
 }
 
@@ -499,6 +578,36 @@ mod tests {
             "no body field: the policy decides as written"
         );
         assert!(!engine.decide_request(&outside, &chat(Some("gpt-4o-mini"))).allow);
+    }
+
+    #[test]
+    fn the_contexts_wl_builds_match_the_schema() {
+        let schema = schema();
+        let connect = facts::ConnectFacts {
+            ip: "10.1.2.3".parse().unwrap(),
+            port: 443,
+            tls: true,
+            sni: Some("h".into()),
+        };
+        let action = uid("Wl::Action", "Connect");
+        Context::from_pairs(connect.to_pairs())
+            .unwrap()
+            .validate(&schema, &action)
+            .expect("Connect context fits the schema");
+        let mut req = chat(Some("gpt-4o-mini"));
+        req.body.stream = Some(true);
+        req.body.max_tokens = Some(5);
+        req.headers =
+            facts::HeaderFacts(vec![("user_agent", "x".into()), ("content_type", "application/json".into())]);
+        let action = uid("Wl::Action", "Request");
+        Context::from_pairs(req.to_pairs())
+            .unwrap()
+            .validate(&schema, &action)
+            .expect("Request context fits the schema");
+        Context::from_pairs(chat(None).to_pairs())
+            .unwrap()
+            .validate(&schema, &action)
+            .expect("without body fields too");
     }
 
     #[test]
