@@ -385,3 +385,49 @@ fn the_shipped_example_cases_pass() {
     assert_eq!(out.status.code(), Some(0), "{text}{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains("10 passed, 0 failed"), "{text}");
 }
+
+#[test]
+fn agents_of_another_user_are_decided_by_their_own_policies() {
+    let agents = TestCgroup::new("users");
+    let home = DaemonHome::new();
+    let dir = home.dir.path();
+    let root = TestRoot::new(dir);
+    let api = FakeApi::start(dir, "127.0.1.25", &root.server_cert("api", &[API], false));
+    home.write_policy(
+        "wl.cedar",
+        "@id(\"allow-all\")\npermit(principal, action, resource);\n\n@id(\"nobody-no-models\")\nforbid(principal in Wl::User::\"nobody\", action == Wl::Action::\"Request\", resource) when { context.path == \"/v1/models\" };\n",
+    );
+    let _daemon = start(&home, &[&agents], &root, "enforce", "");
+    let view =
+        AgentView::new(dir, &[(API, "127.0.1.25")], &[&home.dir.path().join("state/ca/beacon-ca.pem")]);
+    let url = format!("https://{API}/v1/models");
+    let as_root = output(view.command(Some(&agents), "curl").args([
+        "-sS",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        &url,
+    ]));
+    assert_eq!(String::from_utf8_lossy(&as_root.stdout), "200");
+    let as_nobody = output(view.command(Some(&agents), "setpriv").args([
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "curl",
+        "-sS",
+        "-w",
+        "\n%{http_code}",
+        &url,
+    ]));
+    let text = String::from_utf8_lossy(&as_nobody.stdout);
+    assert!(
+        text.ends_with("\n403") && text.contains("nobody-no-models"),
+        "{text}{}",
+        String::from_utf8_lossy(&as_nobody.stderr)
+    );
+    assert_eq!(api.entries("request").len(), 1, "only root's request went upstream");
+    let rec = home.wait_audit("for nobody's denial", |r| r["kind"] == "request" && r["status"] == 403);
+    assert_eq!(rec["agent"]["uid"], 65534);
+    assert_eq!(rec["agent"]["user"], "nobody");
+}
