@@ -29,6 +29,8 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Before any thread exists (see the function's docs).
+    wl_daemon::policy::facts::init_local_offset();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

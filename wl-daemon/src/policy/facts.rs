@@ -178,9 +178,21 @@ impl RequestFacts {
     }
 }
 
-/// The local hour and weekday (0 = Monday), from the host's time zone.
+/// The host's UTC offset, read once by [`init_local_offset`].
+static LOCAL_OFFSET: std::sync::OnceLock<time::UtcOffset> = std::sync::OnceLock::new();
+
+/// Reads the host's UTC offset. Call before any thread starts: the `time` crate refuses
+/// to read it in a multi-threaded process (the C time zone functions are not thread-safe).
+/// A change of offset (daylight saving) is picked up at the next restart.
+pub fn init_local_offset() {
+    let offset = time::UtcOffset::current_local_offset().unwrap_or(time::UtcOffset::UTC);
+    let _ = LOCAL_OFFSET.set(offset);
+}
+
+/// The local hour and weekday (0 = Monday); UTC when the offset was never read.
 pub fn local_hour_weekday() -> (u8, u8) {
-    let now = time::OffsetDateTime::now_local().unwrap_or_else(|_| time::OffsetDateTime::now_utc());
+    let offset = LOCAL_OFFSET.get().copied().unwrap_or(time::UtcOffset::UTC);
+    let now = time::OffsetDateTime::now_utc().to_offset(offset);
     (now.hour(), now.weekday().number_days_from_monday())
 }
 
