@@ -1,9 +1,8 @@
 //! The audit trail: one JSON object per line, appended to `audit.path`.
 //!
 //! In: [`AuditRecord`]s from the request path, through a bounded channel so that a slow
-//! disk never stalls a connection. Out: lines in the file, written by one dedicated thread
-//! that drains the channel and flushes once per batch (group commit). A plain thread with
-//! blocking writes, not tokio::fs: that would hand every batch to the blocking pool. Records that cannot be queued are
+//! disk never stalls a connection. Out: lines in the file, written by one task that drains
+//! the channel and flushes once per batch (group commit). Records that cannot be queued are
 //! counted, never silently lost: the count is logged and written as a record of its own.
 
 use std::{
@@ -16,7 +15,10 @@ use std::{
 };
 
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot};
+use tokio::{
+    io::AsyncWriteExt,
+    sync::{mpsc, oneshot},
+};
 
 use crate::{config::Mode, intercept::identity::AgentIdentity};
 
@@ -199,18 +201,17 @@ impl AuditLog {
         if let Some(dir) = path.parent() {
             tokio::fs::create_dir_all(dir).await.map_err(err)?;
         }
-        let file = {
-            use std::os::unix::fs::OpenOptionsExt;
-            std::fs::OpenOptions::new().create(true).append(true).mode(0o640).open(path).map_err(err)?
-        };
+        let file = tokio::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o640)
+            .open(path)
+            .await
+            .map_err(err)?;
         let (tx, rx) = mpsc::channel(QUEUE);
         let dropped = Arc::new(AtomicU64::new(0));
         let (done_tx, done) = oneshot::channel();
-        let (d, p) = (dropped.clone(), path.to_owned());
-        std::thread::Builder::new()
-            .name("wl-audit".into())
-            .spawn(move || write_loop(file, rx, d, p, done_tx))
-            .map_err(err)?;
+        tokio::spawn(write_loop(file, rx, dropped.clone(), path.to_owned(), done_tx));
         Ok((AuditLog { tx, dropped }, AuditWriter { done }))
     }
 
@@ -231,40 +232,36 @@ impl AuditWriter {
     }
 }
 
-fn write_loop(
-    file: std::fs::File,
+async fn write_loop(
+    file: tokio::fs::File,
     mut rx: mpsc::Receiver<AuditRecord>,
     dropped: Arc<AtomicU64>,
     path: PathBuf,
     done: oneshot::Sender<()>,
 ) {
-    use std::io::Write;
-    let mut out = std::io::BufWriter::with_capacity(256 * 1024, file);
-    let mut batch = Vec::with_capacity(1024);
-    let mut buf = Vec::with_capacity(256 * 1024);
-    while let Some(first) = rx.blocking_recv() {
-        batch.push(first);
-        while batch.len() < 1024 {
-            match rx.try_recv() {
-                Ok(r) => batch.push(r),
-                Err(_) => break,
-            }
-        }
+    let mut out = tokio::io::BufWriter::with_capacity(256 * 1024, file);
+    let mut batch = Vec::with_capacity(256);
+    while rx.recv_many(&mut batch, 1024).await > 0 {
         let lost = dropped.swap(0, Ordering::Relaxed);
         if lost > 0 {
             batch.push(AuditRecord::Dropped { count: lost });
         }
-        buf.clear();
+        let mut buf = Vec::with_capacity(batch.len() * 512);
         for record in batch.drain(..) {
             let line = Line { time: now_rfc3339(), record: &record };
             serde_json::to_writer(&mut buf, &line).expect("audit records always serialize");
             buf.push(b'\n');
         }
-        if let Err(e) = out.write_all(&buf).and_then(|()| out.flush()) {
+        if let Err(e) = async {
+            out.write_all(&buf).await?;
+            out.flush().await
+        }
+        .await
+        {
             tracing::error!(path = %path.display(), error = %e, "audit write failed");
         }
     }
-    let _ = out.flush();
+    let _ = out.flush().await;
     let _ = done.send(());
 }
 
