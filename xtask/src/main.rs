@@ -125,6 +125,7 @@ fn build(release: bool) -> anyhow::Result<()> {
 }
 
 fn test(filter: Option<&str>) -> anyhow::Result<()> {
+    use std::io::{BufRead, BufReader};
     let root = workspace_root();
     let mut cmd = cargo();
     cmd.arg("test");
@@ -134,7 +135,35 @@ fn test(filter: Option<&str>) -> anyhow::Result<()> {
         cmd.args(["--", f]);
     }
     eprintln!("xtask: running the tests (unit and end-to-end)");
-    run_cmd(&mut cmd)
+    // Pass the output through as it comes, and total the per-binary results so that the
+    // run ends with one line saying how many tests ran (the last binary cargo runs, the
+    // doc-tests, has none).
+    let mut child = cmd.stdout(std::process::Stdio::piped()).spawn().context("starting cargo test")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let count = |word: &str| -> u64 {
+                rest.split(';')
+                    .find_map(|part| {
+                        part.trim()
+                            .strip_suffix(word)
+                            .map(|n| n.trim().trim_start_matches("ok. ").trim_start_matches("FAILED. "))
+                    })
+                    .and_then(|n| n.trim().parse().ok())
+                    .unwrap_or(0)
+            };
+            passed += count("passed");
+            failed += count("failed");
+        }
+    }
+    let status = child.wait()?;
+    println!("xtask: {passed} passed, {failed} failed");
+    if !status.success() {
+        bail!("cargo test failed with {status}");
+    }
+    Ok(())
 }
 
 fn lint() -> anyhow::Result<()> {
