@@ -65,14 +65,9 @@ pub struct ConnectionRecord {
     pub duration_ms: u64,
     /// HTTP requests served on it (terminated and plain HTTP connections).
     pub requests: u64,
-    /// `allow` or `deny`: what policy decided for the connection (`Connect`).
-    pub decision: Option<&'static str>,
-    /// The mode the decision was taken in.
-    pub mode: Option<Mode>,
-    /// Policy denied it but the mode is `observe`, so it went on.
-    pub would_deny: bool,
-    /// The policies that determined the decision.
-    pub policies: Vec<String>,
+    /// The `Connect` decision.
+    #[serde(flatten)]
+    pub policy: PolicyOutcome,
     /// Why the connection failed, if it did.
     pub error: Option<String>,
 }
@@ -92,20 +87,9 @@ impl ConnectionRecord {
             bytes_down: 0,
             duration_ms: 0,
             requests: 0,
-            decision: None,
-            mode: None,
-            would_deny: false,
-            policies: Vec::new(),
+            policy: PolicyOutcome::default(),
             error: None,
         }
-    }
-
-    /// Records a policy decision.
-    pub fn set_decision(&mut self, d: &crate::policy::Decision, mode: Mode) {
-        self.decision = Some(if d.allow { "allow" } else { "deny" });
-        self.mode = Some(mode);
-        self.would_deny = !d.allow && mode == Mode::Observe;
-        self.policies = d.policies.clone();
     }
 }
 
@@ -137,7 +121,17 @@ pub struct RequestRecord {
     pub proto_agent: String,
     /// HTTP version on the upstream side, when it was reached.
     pub proto_upstream: Option<String>,
-    /// `allow` or `deny`: what policy decided.
+    /// The `Request` decision.
+    #[serde(flatten)]
+    pub policy: PolicyOutcome,
+    /// What went wrong, if anything.
+    pub error: Option<String>,
+}
+
+/// A policy decision as recorded: flattened into connection and request records.
+#[derive(Debug, Default, Serialize)]
+pub struct PolicyOutcome {
+    /// `allow` or `deny`.
     pub decision: Option<&'static str>,
     /// The mode the decision was taken in.
     pub mode: Option<Mode>,
@@ -145,17 +139,17 @@ pub struct RequestRecord {
     pub would_deny: bool,
     /// The policies that determined the decision.
     pub policies: Vec<String>,
-    /// What went wrong, if anything.
-    pub error: Option<String>,
 }
 
-impl RequestRecord {
-    /// Records a policy decision.
-    pub fn set_decision(&mut self, d: &crate::policy::Decision, mode: Mode) {
-        self.decision = Some(if d.allow { "allow" } else { "deny" });
-        self.mode = Some(mode);
-        self.would_deny = !d.allow && mode == Mode::Observe;
-        self.policies = d.policies.clone();
+impl PolicyOutcome {
+    /// The record of decision `d` taken in `mode`.
+    pub fn new(d: &crate::policy::Decision, mode: Mode) -> Self {
+        Self {
+            decision: Some(if d.allow { "allow" } else { "deny" }),
+            mode: Some(mode),
+            would_deny: !d.allow && mode == Mode::Observe,
+            policies: d.policies.clone(),
+        }
     }
 }
 

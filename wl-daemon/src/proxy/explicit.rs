@@ -39,17 +39,7 @@ pub async fn serve_reverse(
 ) {
     let cfg = Arc::new(cfg);
     loop {
-        let (stream, peer) = tokio::select! {
-            _ = stop_accept.cancelled() => return,
-            a = listener.accept() => match a {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
+        let Some((stream, peer)) = super::accept(&listener, &stop_accept).await else { return };
         let (cfg, shared, stop) = (cfg.clone(), shared.clone(), stop_conns.clone());
         tracker.spawn(async move {
             let started = Instant::now();
@@ -125,17 +115,7 @@ pub async fn serve_connect(
 ) {
     let local = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
     loop {
-        let (stream, peer) = tokio::select! {
-            _ = stop_accept.cancelled() => return,
-            a = listener.accept() => match a {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
+        let Some((stream, peer)) = super::accept(&listener, &stop_accept).await else { return };
         let (shared, stop, local) = (shared.clone(), stop_conns.clone(), local.clone());
         let tracker2 = tracker.clone();
         tracker.spawn(async move {

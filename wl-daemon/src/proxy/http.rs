@@ -178,10 +178,7 @@ async fn handle(mut req: Request<Incoming>, ctx: Arc<ConnContext>) -> Response<P
         duration_ms: 0,
         proto_agent: format!("{:?}", req.version()),
         proto_upstream: None,
-        decision: None,
-        mode: None,
-        would_deny: false,
-        policies: Vec::new(),
+        policy: Default::default(),
         error: None,
     };
 
@@ -262,7 +259,7 @@ async fn handle(mut req: Request<Incoming>, ctx: Arc<ConnContext>) -> Response<P
     let entities = ctx.entities(&host);
     let decision = shared.policy.current().decide_request(&entities, &request_facts);
     let mode = shared.policy.mode_for(&host);
-    record.set_decision(&decision, mode);
+    record.policy = crate::audit::PolicyOutcome::new(&decision, mode);
     if !decision.allow {
         tracing::info!(request_id, host = %host, policies = ?decision.policies, errors = ?decision.errors, ?mode, "policy denies request");
         if mode == Mode::Enforce {

@@ -137,22 +137,27 @@ pub async fn serve(
 ) {
     let local = listener.local_addr().ok();
     loop {
-        let accepted = tokio::select! {
-            _ = stop_accept.cancelled() => return,
-            a = listener.accept() => a,
-        };
-        match accepted {
-            Ok((stream, peer)) => {
-                let shared = shared.clone();
-                let stop = stop_conns.clone();
-                let listener_addr = local.map(|a| a.to_string()).unwrap_or_default();
-                tracker.spawn(async move { handle(stream, peer, listener_addr, shared, stop).await });
-            }
-            Err(e) => {
-                // EMFILE and friends: back off rather than spin.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+        let Some((stream, peer)) = accept(&listener, &stop_accept).await else { return };
+        let shared = shared.clone();
+        let stop = stop_conns.clone();
+        let listener_addr = local.map(|a| a.to_string()).unwrap_or_default();
+        tracker.spawn(async move { handle(stream, peer, listener_addr, shared, stop).await });
+    }
+}
+
+/// The next connection on `listener`, or `None` once `stop` is cancelled. Accept errors
+/// (EMFILE and friends) are logged and retried after a pause rather than spun on.
+pub async fn accept(listener: &TcpListener, stop: &CancellationToken) -> Option<(TcpStream, SocketAddr)> {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return None,
+            a = listener.accept() => match a {
+                Ok(a) => return Some(a),
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
         }
     }
 }
@@ -299,7 +304,7 @@ pub fn decide_connect(
     let facts = ConnectFacts { ip: dst.ip(), port: dst.port(), tls, sni };
     let decision = shared.policy.current().decide_connect(&entities, &facts);
     let mode = shared.policy.mode_for(&host);
-    record.set_decision(&decision, mode);
+    record.policy = crate::audit::PolicyOutcome::new(&decision, mode);
     if decision.allow {
         return Ok(());
     }
