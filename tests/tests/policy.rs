@@ -118,6 +118,9 @@ fn bodies_policy_cannot_read_leave_the_fields_out() {
             "%{http_code}",
             "-H",
             "Content-Type: application/json",
+            // No `Expect: 100-continue`: the body is on its way before wl answers.
+            "-H",
+            "Expect:",
             "--data-binary",
             &format!("@{}", file.display()),
             &format!("https://{API}/v1/chat/completions"),
@@ -125,10 +128,15 @@ fn bodies_policy_cannot_read_leave_the_fields_out() {
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     let big = format!("{{\"model\": \"gpt-4o-mini\", \"pad\": \"{}\"}}", "x".repeat(4096));
+    // Larger than the socket buffers: the refusal must still reach the client, not a reset.
+    let huge = format!("{{\"model\": \"gpt-4o-mini\", \"pad\": \"{}\"}}", "x".repeat(300_000));
     let deep = format!("{{\"model\": \"gpt-4o-mini\", \"x\": {}1{}}}", "[".repeat(5000), "]".repeat(5000));
-    for (what, body) in
-        [("not JSON", "model=gpt-4o-mini".to_string()), ("over the limit", big), ("deeply nested", deep)]
-    {
+    for (what, body) in [
+        ("not JSON", "model=gpt-4o-mini".to_string()),
+        ("over the limit", big),
+        ("far over the limit", huge),
+        ("deeply nested", deep),
+    ] {
         assert_eq!(post(body), "403", "{what}: the policy needs context.body.model, which is absent");
     }
     assert_eq!(post(r#"{"model": "gpt-4o-mini", "messages": []}"#.into()), "200");

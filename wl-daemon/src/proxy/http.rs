@@ -19,7 +19,7 @@ use std::{
     time::Instant,
 };
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::{
     body::{Body, Frame, Incoming, SizeHint},
@@ -193,6 +193,7 @@ async fn handle(mut req: Request<Incoming>, ctx: Arc<ConnContext>) -> Response<P
                 named.as_deref().unwrap_or("(none)")
             );
             record.host = named.unwrap_or_default();
+            discard_rest(req.into_body()).await;
             return finish_error(
                 &ctx.shared.audit,
                 record,
@@ -204,6 +205,7 @@ async fn handle(mut req: Request<Incoming>, ctx: Arc<ConnContext>) -> Response<P
         }
         (None, Some(named)) => named,
         (None, None) => {
+            discard_rest(req.into_body()).await;
             return finish_error(
                 &ctx.shared.audit,
                 record,
@@ -230,6 +232,7 @@ async fn handle(mut req: Request<Incoming>, ctx: Arc<ConnContext>) -> Response<P
     let uri: Uri = match format!("{scheme}://{authority}{path}").parse() {
         Ok(u) => u,
         Err(e) => {
+            discard_rest(req.into_body()).await;
             return finish_error(
                 &ctx.shared.audit,
                 record,
@@ -237,7 +240,7 @@ async fn handle(mut req: Request<Incoming>, ctx: Arc<ConnContext>) -> Response<P
                 StatusCode::BAD_REQUEST,
                 "wl_bad_request",
                 format!("invalid request target: {e}"),
-            )
+            );
         }
     };
     let query = req.uri().query().unwrap_or("").to_owned();
@@ -265,6 +268,7 @@ async fn handle(mut req: Request<Incoming>, ctx: Arc<ConnContext>) -> Response<P
         if mode == Mode::Enforce {
             let msg = denial_message(&decision, &host, &request_facts.method, &request_facts.path);
             let policies = decision.policies.clone();
+            discard_rest(body).await;
             return finish_denied(&shared.audit, record, started, msg, policies);
         }
     }
@@ -459,6 +463,31 @@ async fn inspect_body(headers: &HeaderMap, body: Incoming, limit: usize) -> (Bod
             None => return (BodyFacts::from_json_bytes(&data), Replay { frames, rest: None }.boxed()),
         }
     }
+}
+
+/// How much of a refused request's body wl reads and throws away before answering.
+const DISCARD_BYTES: usize = 1 << 20;
+const DISCARD_TIME: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Reads and discards what is left of a refused request's body (bounded in bytes and time)
+/// so that the refusal reaches the agent. An HTTP/1.1 connection whose request body was not
+/// read is closed after the response, and closing a socket with unread data makes the
+/// kernel send RST, which can destroy the response still in flight: the client then sees a
+/// reset instead of the 403 (the reason for nginx's lingering close).
+async fn discard_rest<B>(mut body: B)
+where
+    B: Body + Unpin,
+{
+    let drain = async {
+        let mut seen = 0usize;
+        while let Some(Ok(frame)) = body.frame().await {
+            seen += frame.data_ref().map_or(0, |d| d.remaining());
+            if seen > DISCARD_BYTES {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(DISCARD_TIME, drain).await;
 }
 
 /// Frames already read, then the rest of the body.
