@@ -123,9 +123,19 @@ pub struct FakeApi {
 impl FakeApi {
     /// Serves HTTPS on `ip:443` with the given certificate.
     pub fn start(dir: &Path, ip: &str, cert: &crate::pki::ServerCert) -> Self {
+        Self::start_with_key(dir, ip, cert, None)
+    }
+
+    /// Like [`FakeApi::start`]; with `key`, it answers only requests that carry
+    /// `Authorization: Bearer KEY` (401 otherwise).
+    pub fn start_with_key(dir: &Path, ip: &str, cert: &crate::pki::ServerCert, key: Option<&str>) -> Self {
         use std::io::BufRead;
         let log = dir.join(format!("{}.jsonl", crate::unique("api")));
-        let mut child = Command::new("python3")
+        let mut cmd = Command::new("python3");
+        if let Some(key) = key {
+            cmd.env("FAKE_API_KEY", key);
+        }
+        let mut child = cmd
             .arg(fixtures().join("fake_api.py"))
             .args([ip, "443"])
             .arg(&cert.cert)
@@ -138,6 +148,11 @@ impl FakeApi {
         std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
         assert_eq!(line.trim(), "ready", "fake_api.py did not start");
         Self { addr: format!("{ip}:443").parse().unwrap(), child, log }
+    }
+
+    /// The file it logs requests to (its own record, which holds what it received).
+    pub fn log_path(&self) -> &Path {
+        &self.log
     }
 
     /// Log entries of one kind (`request` or `chunk`).

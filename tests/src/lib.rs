@@ -146,6 +146,8 @@ pub struct DaemonConfig {
     pub exclude: Vec<String>,
     /// Extra lines inside `[policy]`.
     pub policy: String,
+    /// Extra lines inside `[broker]` (socket, audit and policy_dir are set in the home).
+    pub broker: String,
     /// Appended verbatim.
     pub extra: String,
 }
@@ -162,6 +164,7 @@ impl DaemonConfig {
             fail: "open",
             exclude: Vec::new(),
             policy: String::new(),
+            broker: String::new(),
             extra: String::new(),
         }
     }
@@ -171,7 +174,8 @@ impl DaemonConfig {
         format!(
             "mode = {mode:?}\nstate_dir = {state:?}\nadmin_socket = {admin:?}\n\n[intercept]\ncgroups = [{cgroups}]\nports = [{ports}]\n\
              listen = [{listen}]\nexclude = [{exclude}]\nblock_quic = {quic}\nfail = {fail:?}\npin_dir = {pin:?}\n\n\
-             [audit]\npath = {audit:?}\n\n[policy]\ndir = {policies:?}\n{policy}\n{extra}\n",
+             [audit]\npath = {audit:?}\n\n[broker]\n{broker_socket}audit = {broker_audit:?}\n\
+             policy_dir = {broker_policies:?}\n{broker}\n\n[policy]\ndir = {policies:?}\n{policy}\n{extra}\n",
             mode = self.mode,
             state = dir.join("state").display().to_string(),
             admin = dir.join("admin.sock").display().to_string(),
@@ -184,6 +188,14 @@ impl DaemonConfig {
             pin = pin_dir.display().to_string(),
             audit = dir.join("audit.jsonl").display().to_string(),
             policies = dir.join("policies").display().to_string(),
+            broker_socket = if self.broker.contains("socket =") {
+                String::new()
+            } else {
+                format!("socket = {:?}\n", dir.join("broker.sock").display().to_string())
+            },
+            broker_audit = dir.join("broker-audit.jsonl").display().to_string(),
+            broker_policies = dir.join("broker-policies").display().to_string(),
+            broker = self.broker,
             policy = self.policy,
             extra = self.extra,
         )
@@ -226,6 +238,19 @@ impl DaemonHome {
         let tmp = dir.join(format!(".{name}.tmp"));
         std::fs::write(&tmp, text).unwrap();
         std::fs::rename(&tmp, dir.join(name)).unwrap();
+    }
+
+    /// The broker's socket (unless a test's `[broker]` lines move it).
+    pub fn broker_socket(&self) -> PathBuf {
+        self.dir.path().join("broker.sock")
+    }
+
+    /// The broker's audit records so far.
+    pub fn broker_audit_records(&self) -> Vec<Value> {
+        let text = std::fs::read_to_string(self.dir.path().join("broker-audit.jsonl")).unwrap_or_default();
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad audit line {l:?}: {e}")))
+            .collect()
     }
 
     /// The audit log path.
@@ -291,10 +316,26 @@ impl Daemon {
 
     /// Like [`Daemon::start`], with `cmd` (which runs `wl-daemon` or wraps it and appends
     /// its arguments) as the command line.
-    pub fn start_cmd(home: &DaemonHome, cfg: &DaemonConfig, mut cmd: Command) -> Self {
+    pub fn start_cmd(home: &DaemonHome, cfg: &DaemonConfig, cmd: Command) -> Self {
+        Self::spawn(home, cfg, cmd, "run", "wl-daemon ready")
+    }
+
+    /// Starts the secrets broker (`wl-daemon broker`) with `cfg` in `home` and waits until
+    /// it reports ready. The same type: it is a process of ours with a log, stopped on drop.
+    pub fn start_broker(home: &DaemonHome, cfg: &DaemonConfig) -> Self {
+        Self::spawn(home, cfg, Command::new(bin("wl-daemon")), "broker", "wl-broker ready")
+    }
+
+    fn spawn(
+        home: &DaemonHome,
+        cfg: &DaemonConfig,
+        mut cmd: Command,
+        sub: &str,
+        ready: &'static str,
+    ) -> Self {
         require_root();
         let config = home.write_config(cfg);
-        cmd.arg("run").arg("--config").arg(&config);
+        cmd.arg(sub).arg("--config").arg(&config);
         cmd.env("WL_LOG", "info,wl_kernel=debug")
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
@@ -307,7 +348,7 @@ impl Daemon {
             let log = log.clone();
             std::thread::spawn(move || {
                 for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    if line.contains("wl-daemon ready") {
+                    if line.contains(ready) {
                         let _ = ready_tx.send(());
                     }
                     log.lock().unwrap().push(line);
@@ -358,6 +399,13 @@ impl Daemon {
     pub fn signal_hup(&self) {
         let pid = nix::unistd::Pid::from_raw(self.pid() as i32);
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
+    }
+
+    /// SIGKILL (a crash), then waits for it to be gone.
+    pub fn kill9(mut self) {
+        let mut child = self.child.take().expect("running");
+        let _ = child.kill();
+        let _ = child.wait();
     }
 
     /// SIGTERM, then waits for the exit status.

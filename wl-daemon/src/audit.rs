@@ -125,10 +125,67 @@ pub struct RequestRecord {
     #[serde(flatten)]
     pub policy: PolicyOutcome,
     /// What went wrong, if anything.
+    /// The secret bound to the host (`[[credential]]`), when there is one.
+    pub secret: Option<String>,
+    /// The SCT it was obtained with.
+    pub jti: Option<String>,
+    /// `injected`, or `missing` when it could not be obtained (see `credential_error`).
+    pub credential: Option<&'static str>,
+    /// Why the credential is missing: the broker's code (`broker_unavailable`,
+    /// `policy_denied`, `no_such_secret`, ...).
+    pub credential_error: Option<String>,
+    /// How many echoes of the credential were redacted from the response.
+    pub redactions: usize,
     pub error: Option<String>,
 }
 
 /// A policy decision as recorded: flattened into connection and request records.
+/// One secrets-broker event (written by the broker to its own trail). Never a value.
+#[derive(Debug, Default, Serialize)]
+pub struct SecretRecord {
+    /// `issue`, `redeem`, `put`, `rotate`, `remove`, `rotate_key`, or `connect` (a peer
+    /// refused by uid).
+    pub event: &'static str,
+    /// Whether it succeeded.
+    pub ok: bool,
+    /// The refusal's code when it did not (`sct_replayed`, `policy_denied`, ...).
+    pub code: Option<&'static str>,
+    /// The secret's name.
+    pub secret: Option<String>,
+    /// The host it was for.
+    pub host: Option<String>,
+    /// The token's id.
+    pub jti: Option<String>,
+    /// The signing key's id (`rotate_key`).
+    pub kid: Option<String>,
+    /// The agent the request was made for.
+    pub agent: Option<AgentIdentity>,
+    /// HTTP method and path of that request.
+    pub method: Option<String>,
+    /// See `method`.
+    pub path: Option<String>,
+    /// The broker policies that decided an `issue`.
+    pub policies: Vec<String>,
+    /// The uid of the process on the socket (the proxy, or wlctl's user).
+    pub peer_uid: u32,
+}
+
+impl SecretRecord {
+    /// A record about one use of a secret.
+    pub fn for_use(event: &'static str, use_: &crate::broker::protocol::Use, peer_uid: u32) -> Self {
+        Self {
+            event,
+            secret: Some(use_.secret.clone()),
+            host: Some(use_.host.clone()),
+            agent: use_.agent.clone(),
+            method: Some(use_.method.clone()),
+            path: Some(use_.path.clone()),
+            peer_uid,
+            ..Default::default()
+        }
+    }
+}
+
 #[derive(Debug, Default, Serialize)]
 pub struct PolicyOutcome {
     /// `allow` or `deny`.
@@ -161,6 +218,8 @@ pub enum AuditRecord {
     Connection(Box<ConnectionRecord>),
     /// See [`RequestRecord`].
     Request(Box<RequestRecord>),
+    /// A secrets-broker event: a token issued or redeemed, a refusal, a store change.
+    Secret(Box<SecretRecord>),
     /// Records that could not be queued since the last such record.
     Dropped {
         /// How many.

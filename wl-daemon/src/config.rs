@@ -83,6 +83,107 @@ pub struct Config {
     /// Cedar policies.
     #[serde(default)]
     pub policy: PolicyConfig,
+    /// The secrets broker (`wl-daemon broker`), and how the proxy reaches it.
+    #[serde(default)]
+    pub broker: BrokerConfig,
+    /// Credentials injected into requests to a host (`[[credential]]`).
+    #[serde(default)]
+    pub credential: Vec<CredentialConfig>,
+}
+
+/// `[broker]`: the secrets broker process and the proxy's connection to it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// The broker's Unix socket.
+    #[serde(default = "default_broker_socket")]
+    pub socket: PathBuf,
+    /// Where the broker keeps the sealed store, its keys and the SCT ledger; default
+    /// `<state_dir>/broker`.
+    #[serde(default)]
+    pub state_dir: Option<PathBuf>,
+    /// uids that may obtain secrets (the proxy's user); the broker's own uid always may.
+    #[serde(default = "default_uids")]
+    pub client_uids: Vec<u32>,
+    /// uids that may manage secrets (`wlctl secret ...`); root always may.
+    #[serde(default = "default_uids")]
+    pub admin_uids: Vec<u32>,
+    /// The broker's own Cedar policies (action `UseSecret`); the built-in policy when the
+    /// directory does not exist.
+    #[serde(default = "default_broker_policy_dir")]
+    pub policy_dir: PathBuf,
+    /// Lifetime of a Secret Capability Token (at most 60 s).
+    #[serde(default = "default_token_ttl", with = "humantime_serde")]
+    pub token_ttl: Duration,
+    /// The broker's audit trail (secret issues, redemptions, refusals, changes).
+    #[serde(default = "default_broker_audit")]
+    pub audit: PathBuf,
+    /// How long the proxy waits for the broker before treating it as down.
+    #[serde(default = "default_broker_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+fn default_broker_socket() -> PathBuf {
+    PathBuf::from("/run/wl-broker/broker.sock")
+}
+fn default_uids() -> Vec<u32> {
+    vec![0]
+}
+fn default_broker_policy_dir() -> PathBuf {
+    PathBuf::from("/etc/wl/broker-policies")
+}
+fn default_token_ttl() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_broker_audit() -> PathBuf {
+    PathBuf::from("/var/log/wl/broker-audit.jsonl")
+}
+fn default_broker_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        Self {
+            socket: default_broker_socket(),
+            state_dir: None,
+            client_uids: default_uids(),
+            admin_uids: default_uids(),
+            policy_dir: default_broker_policy_dir(),
+            token_ttl: default_token_ttl(),
+            audit: default_broker_audit(),
+            timeout: default_broker_timeout(),
+        }
+    }
+}
+
+impl Config {
+    /// The broker's state directory.
+    pub fn broker_state_dir(&self) -> PathBuf {
+        self.broker.state_dir.clone().unwrap_or_else(|| self.state_dir.join("broker"))
+    }
+}
+
+/// `[[credential]]`: the secret injected into every request to `host`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialConfig {
+    /// The API host (exact name).
+    pub host: String,
+    /// The secret's name in the broker.
+    pub secret: String,
+    /// The header that carries it (`authorization`, `x-api-key`).
+    pub header: String,
+    /// The header's value, with `{secret}` where the secret goes.
+    #[serde(default = "default_credential_format")]
+    pub format: String,
+    /// Other headers removed from the agent's request (other spellings of its credential).
+    #[serde(default)]
+    pub strip: Vec<String>,
+}
+
+fn default_credential_format() -> String {
+    "Bearer {secret}".into()
 }
 
 /// `[policy]`: where the policies are and how much of a request they see.
@@ -376,6 +477,47 @@ impl Config {
         toml::to_string_pretty(self).expect("a Config always serializes")
     }
 
+    fn validate_credentials(&self) -> Result<(), String> {
+        if self.broker.token_ttl.is_zero() || self.broker.token_ttl > Duration::from_secs(60) {
+            return Err(format!(
+                "broker.token_ttl is {}: give a lifetime between 1s and 60s",
+                humantime::format_duration(self.broker.token_ttl)
+            ));
+        }
+        for (i, c) in self.credential.iter().enumerate() {
+            let host = c.host.to_ascii_lowercase();
+            if host.is_empty() || host.starts_with("*.") || host != c.host {
+                return Err(format!(
+                    "credential for host `{}`: give one exact, lower-case host name (no wildcards)",
+                    c.host
+                ));
+            }
+            if self.credential[..i].iter().any(|o| o.host == c.host) {
+                return Err(format!("two [[credential]] entries for host `{}`: keep one", c.host));
+            }
+            crate::broker::store::check_name(&c.secret)
+                .map_err(|e| format!("credential for `{}`: {e}", c.host))?;
+            for h in std::iter::once(&c.header).chain(&c.strip) {
+                if hyper::header::HeaderName::from_bytes(h.as_bytes()).is_err() {
+                    return Err(format!("credential for `{}`: `{h}` is not a valid header name", c.host));
+                }
+            }
+            if c.format.matches("{secret}").count() != 1 {
+                return Err(format!(
+                    "credential for `{}`: format `{}` must contain {{secret}} exactly once, like \"Bearer {{secret}}\"",
+                    c.host, c.format
+                ));
+            }
+            if hyper::header::HeaderValue::from_str(&c.format).is_err() {
+                return Err(format!(
+                    "credential for `{}`: format `{}` is not a valid header value",
+                    c.host, c.format
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn validate(&self) -> Result<(), String> {
         let ic = &self.intercept;
         if ic.cgroups.is_empty() {
@@ -416,6 +558,7 @@ impl Config {
                 ));
             }
         }
+        self.validate_credentials()?;
         for host in &self.tls.governed_hosts {
             let bare = host.strip_prefix("*.").unwrap_or(host);
             if bare.is_empty()

@@ -93,6 +93,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     shared.server_first_after = config.intercept.server_first_after;
     shared.policy = policy.clone();
     shared.body_limit = config.policy.body_limit;
+    if !config.credential.is_empty() {
+        // The broker may start after the daemon: it is reached per request, not now.
+        let broker =
+            crate::broker::client::BrokerClient::new(config.broker.socket.clone(), config.broker.timeout);
+        shared.credentials = Some(proxy::credential::Credentials::new(&config.credential, broker));
+        tracing::info!(
+            hosts = ?config.credential.iter().map(|c| c.host.as_str()).collect::<Vec<_>>(),
+            broker = %config.broker.socket.display(),
+            "credentials are injected for these hosts"
+        );
+    }
     let shared = Arc::new(shared);
     let tracker = TaskTracker::new();
     let stop_accept = CancellationToken::new();

@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod audit;
+pub mod broker;
 pub mod config;
 pub mod daemon;
 pub mod intercept;

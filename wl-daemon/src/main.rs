@@ -1,4 +1,5 @@
-//! `wl-daemon`: the services. `run` is the proxy daemon (wl-daemon.service).
+//! `wl-daemon`: the services. `run` is the proxy daemon (wl-daemon.service), `broker` the
+//! secrets broker (wl-broker.service), each its own process.
 //!
 //! Thin on purpose: parse the command line, set up logging, hand over to the library, and
 //! turn any error into one line on stderr and exit status 1.
@@ -25,6 +26,12 @@ enum Command {
         /// Print the effective configuration and exit.
         #[arg(long)]
         print_config: bool,
+    },
+    /// Hold the secrets and issue Secret Capability Tokens (wl-broker.service).
+    Broker {
+        /// Configuration file (TOML; the `[broker]` section); the built-in default when absent.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
     },
 }
 
@@ -60,6 +67,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             runtime.block_on(wl_daemon::daemon::run(config))
+        }
+        Command::Broker { config } => {
+            let config = match config {
+                Some(path) => Config::load(&path)?,
+                None => Config::builtin(),
+            };
+            // Two threads are plenty: every request is a short critical section.
+            let runtime =
+                tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+            runtime.block_on(wl_daemon::broker::run(config))
         }
     }
 }

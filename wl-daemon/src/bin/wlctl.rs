@@ -1,10 +1,16 @@
-//! `wlctl`: the operator's command line. It grows with each component; today it manages the
-//! beacon CA, checks configuration files and reads the audit trail.
+//! `wlctl`: the operator's command line. It grows with each component; today it talks to the
+//! daemon (status, mode, reload) and the secrets broker (secrets, signing keys), manages the
+//! beacon CA, checks policies and configuration files, and reads the audit trail.
 
 use std::{io::BufRead, path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
-use wl_daemon::{admin::AdminRequest, config::Config, tls::ca};
+use wl_daemon::{
+    admin::AdminRequest,
+    broker::{protocol::BrokerRequest, store::SecretValue},
+    config::Config,
+    tls::ca,
+};
 
 /// Where packaged installs keep the configuration.
 const DEFAULT_CONFIG: &str = "/etc/wl/wl.toml";
@@ -54,6 +60,81 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Secrets held by the broker (values are read from stdin or a file, never from the
+    /// command line, and never printed).
+    Secret {
+        #[command(subcommand)]
+        command: SecretCommand,
+    },
+    /// The secrets broker itself.
+    Broker {
+        #[command(subcommand)]
+        command: BrokerCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum SecretCommand {
+    /// Store a new secret; its value is read from stdin (one line, or all of it with
+    /// --raw) or from --from-file.
+    Put {
+        /// The secret's name (what `[[credential]] secret` refers to).
+        name: String,
+        /// A host it may be sent to (repeatable; at least one).
+        #[arg(long = "host", required = true)]
+        hosts: Vec<String>,
+        /// Read the value from this file instead of stdin.
+        #[arg(long)]
+        from_file: Option<PathBuf>,
+        /// Keep the value byte for byte (no trailing newline removed).
+        #[arg(long)]
+        raw: bool,
+    },
+    /// Replace a secret's value (and its hosts, with --host).
+    Rotate {
+        /// The secret's name.
+        name: String,
+        /// New hosts (repeatable); without, the old ones stay.
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+        /// Read the value from this file instead of stdin.
+        #[arg(long)]
+        from_file: Option<PathBuf>,
+        /// Keep the value byte for byte.
+        #[arg(long)]
+        raw: bool,
+    },
+    /// Names, hosts, creation, rotation and last-use times (never values).
+    List {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a secret.
+    Rm {
+        /// The secret's name.
+        name: String,
+    },
+    /// Check that the value on stdin (or --from-file) is the stored one. Exit 0 when it
+    /// is, 4 when it differs.
+    Verify {
+        /// The secret's name.
+        name: String,
+        /// Read the value from this file instead of stdin.
+        #[arg(long)]
+        from_file: Option<PathBuf>,
+        /// Keep the value byte for byte.
+        #[arg(long)]
+        raw: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum BrokerCommand {
+    /// Counts and the current signing key.
+    Status,
+    /// Make a new SCT signing key; tokens signed by the old one stay valid until they expire.
+    RotateKey,
 }
 
 #[derive(Subcommand)]
@@ -182,6 +263,40 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::Secret { command } => {
+            let (req, json) = match command {
+                SecretCommand::Put { name, hosts, from_file, raw } => (
+                    read_value(from_file.as_deref(), raw).map(|value| BrokerRequest::Put {
+                        name,
+                        hosts,
+                        value,
+                    }),
+                    false,
+                ),
+                SecretCommand::Rotate { name, hosts, from_file, raw } => (
+                    read_value(from_file.as_deref(), raw).map(|value| BrokerRequest::Rotate {
+                        name,
+                        hosts,
+                        value,
+                    }),
+                    false,
+                ),
+                SecretCommand::List { json } => (Ok(BrokerRequest::List), json),
+                SecretCommand::Rm { name } => (Ok(BrokerRequest::Remove { name }), false),
+                SecretCommand::Verify { name, from_file, raw } => (
+                    read_value(from_file.as_deref(), raw).map(|value| BrokerRequest::Verify { name, value }),
+                    false,
+                ),
+            };
+            broker_command(cli.config.as_deref(), req, json)
+        }
+        Command::Broker { command } => {
+            let req = match command {
+                BrokerCommand::Status => BrokerRequest::Status,
+                BrokerCommand::RotateKey => BrokerRequest::RotateKey,
+            };
+            broker_command(cli.config.as_deref(), Ok(req), false)
+        }
         Command::Audit { command: AuditCommand::Tail { file, kind, pid, lines } } => {
             let f = match std::fs::File::open(&file) {
                 Ok(f) => f,
@@ -212,6 +327,121 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
     }
+}
+
+/// Reads a secret's value from a file or stdin. Without `raw`, one trailing newline (what
+/// `echo` and editors add) is removed.
+fn read_value(from_file: Option<&std::path::Path>, raw: bool) -> Result<SecretValue, String> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    match from_file {
+        Some(path) => {
+            bytes = std::fs::read(path).map_err(|e| format!("cannot read `{}`: {e}", path.display()))?;
+        }
+        None => {
+            if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+                eprintln!("wlctl: reading the secret's value from stdin (end with Ctrl-D)");
+            }
+            std::io::stdin().read_to_end(&mut bytes).map_err(|e| format!("cannot read stdin: {e}"))?;
+        }
+    }
+    if !raw {
+        if bytes.last() == Some(&b'\n') {
+            bytes.pop();
+        }
+        if bytes.last() == Some(&b'\r') {
+            bytes.pop();
+        }
+    }
+    if bytes.is_empty() {
+        return Err("the secret's value is empty".into());
+    }
+    Ok(SecretValue::new(bytes))
+}
+
+fn millis(ms: Option<i64>) -> String {
+    match ms {
+        None => "-".into(),
+        Some(ms) => time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+            .ok()
+            .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+            .unwrap_or_else(|| ms.to_string()),
+    }
+}
+
+/// Runs one broker command; exit 1 when the broker is unreachable or refuses.
+fn broker_command(
+    config: Option<&std::path::Path>,
+    req: Result<BrokerRequest, String>,
+    json: bool,
+) -> ExitCode {
+    let result = load_config(config).and_then(|cfg| {
+        let req = req?;
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
+        let reply = rt.block_on(wl_daemon::broker::client::call(&cfg.broker.socket, &req))?;
+        Ok((req, reply))
+    });
+    let (req, reply) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("wlctl: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if !reply.ok {
+        eprintln!(
+            "wlctl: the broker refused ({}): {}",
+            reply.code.as_deref().unwrap_or("?"),
+            reply.message.as_deref().unwrap_or("")
+        );
+        return ExitCode::FAILURE;
+    }
+    match req {
+        BrokerRequest::Put { name, .. } | BrokerRequest::Rotate { name, .. } => {
+            let meta = reply.secret.expect("put and rotate return the secret's description");
+            println!("{name}: stored (version {}, hosts {})", meta.version, meta.hosts.join(", "));
+        }
+        BrokerRequest::Remove { name } => println!("{name}: removed"),
+        BrokerRequest::List if json => {
+            println!(
+                "{}",
+                serde_json::to_string(&reply.secrets.unwrap_or_default()).expect("listings serialize")
+            )
+        }
+        BrokerRequest::List => {
+            let secrets = reply.secrets.unwrap_or_default();
+            println!(
+                "{:<20} {:>3} {:<28} {:<26} {:<26} LAST USED",
+                "NAME", "VER", "HOSTS", "CREATED", "ROTATED"
+            );
+            for s in &secrets {
+                println!(
+                    "{:<20} {:>3} {:<28} {:<26} {:<26} {}",
+                    s.meta.name,
+                    s.meta.version,
+                    s.meta.hosts.join(","),
+                    millis(Some(s.meta.created_ms)),
+                    millis(s.meta.rotated_ms),
+                    millis(s.last_used_ms)
+                );
+            }
+        }
+        BrokerRequest::Verify { name, .. } => {
+            if reply.matches == Some(true) {
+                println!("{name}: matches the stored value");
+            } else {
+                println!("{name}: differs from the stored value");
+                return ExitCode::from(4);
+            }
+        }
+        BrokerRequest::RotateKey => println!("new signing key {}", reply.kid.unwrap_or_default()),
+        BrokerRequest::Status => {
+            println!("signing key: {}", reply.kid.unwrap_or_default());
+            println!("counts:      {}", reply.counts.unwrap_or_default());
+        }
+        BrokerRequest::Issue(_) | BrokerRequest::Redeem { .. } => {}
+    }
+    ExitCode::SUCCESS
 }
 
 fn load_config(path: Option<&std::path::Path>) -> Result<Config, String> {

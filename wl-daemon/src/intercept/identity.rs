@@ -6,13 +6,13 @@
 
 use std::{collections::HashMap, sync::Mutex};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use wl_common::ConnRecord;
 
 use super::cgroup::{cgroup_of_pid, unit_of_cgroup, CgroupNames};
 
 /// The agent behind one connection.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentIdentity {
     /// Process id (tgid).
     pub pid: u32,

@@ -30,6 +30,8 @@ use crate::{config::Mode, intercept::identity::AgentIdentity};
 pub const SCHEMA: &str = include_str!("../../../policies/wl.cedarschema");
 /// The built-in policies.
 pub const DEFAULT_POLICIES: &str = include_str!("../../../policies/default.cedar");
+/// The broker's built-in policies (`UseSecret`).
+pub const BROKER_POLICIES: &str = include_str!("../../../policies/broker.cedar");
 
 /// Why a policy set was refused. Messages name the file and line.
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +107,8 @@ static GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::
 /// A validated policy set, ready to evaluate.
 pub struct PolicyEngine {
     scoped: Vec<Scoped>,
+    /// Every policy (the broker evaluates them all; it has few).
+    all: PolicySet,
     generation: u64,
     authorizer: Authorizer,
     /// Where it came from: `<built-in>` or a directory.
@@ -131,6 +135,12 @@ impl PolicyEngine {
             "<built-in>".into(),
         )
         .expect("the built-in policies are valid")
+    }
+
+    /// The broker's built-in policies.
+    pub fn builtin_broker() -> Self {
+        Self::from_sources(&[("<built-in>/broker.cedar".into(), BROKER_POLICIES.into())], "<built-in>".into())
+            .expect("the built-in broker policies are valid")
     }
 
     /// Every `*.cedar` file in `dir` (sorted by name).
@@ -217,7 +227,7 @@ impl PolicyEngine {
             })
             .collect();
         let generation = GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Ok(Self { scoped, generation, authorizer: Authorizer::new(), source, count })
+        Ok(Self { scoped, all, generation, authorizer: Authorizer::new(), source, count })
     }
 
     /// Decides a connection.
@@ -228,6 +238,47 @@ impl PolicyEngine {
     /// Decides an HTTP request.
     pub fn decide_request(&self, agent: &AgentEntities, facts: &facts::RequestFacts) -> Decision {
         self.decide("Request", agent, facts.to_pairs())
+    }
+
+    /// Decides whether `agent` may use the secret `secret` (stored for `hosts`) for one
+    /// request `method path` to `host` (the broker's question).
+    pub fn decide_use_secret(
+        &self,
+        agent: Option<&AgentIdentity>,
+        secret: &str,
+        hosts: &[String],
+        host: &str,
+        method: &str,
+        path: &str,
+    ) -> Decision {
+        let fail = |msg: String| Decision { allow: false, policies: Vec::new(), errors: vec![msg] };
+        let (principal, _, _, mut list) = entity_list(agent, host);
+        let resource = uid("Wl::Secret", secret);
+        let hosts =
+            RestrictedExpression::new_set(hosts.iter().map(|h| RestrictedExpression::new_string(h.clone())));
+        list.push(
+            Entity::new(resource.clone(), [("hosts".to_owned(), hosts)].into(), HashSet::new())
+                .expect("literal attributes evaluate"),
+        );
+        let entities = Entities::from_entities(list, None).expect("distinct entities");
+        let s = |v: &str| RestrictedExpression::new_string(v.to_owned());
+        let context = Context::from_pairs([
+            ("host".to_owned(), s(host)),
+            ("method".to_owned(), s(method)),
+            ("path".to_owned(), s(path)),
+        ]);
+        let context = match context {
+            Ok(c) => c,
+            Err(e) => return fail(format!("context: {e}")),
+        };
+        let request = match Request::new(principal, uid("Wl::Action", "UseSecret"), resource, context, None) {
+            Ok(r) => r,
+            Err(e) => return fail(format!("request: {e}")),
+        };
+        let response = self.authorizer.is_authorized(&request, &self.all, &entities);
+        let errors: Vec<String> = response.diagnostics().errors().map(|e| e.to_string()).collect();
+        let allow = response.decision() == cedar_policy::Decision::Allow && errors.is_empty();
+        Decision { allow, policies: response.diagnostics().reason().map(|p| p.to_string()).collect(), errors }
     }
 
     fn decide(&self, action_name: &'static str, agent: &AgentEntities, context: facts::Pairs) -> Decision {
@@ -328,68 +379,77 @@ impl AgentEntities {
     /// Entities for `agent` (unknown agents, such as explicit-listener clients whose socket
     /// owner is gone, are `Wl::Agent::"unknown"` with no parents) calling `host`.
     pub fn new(agent: Option<&AgentIdentity>, host: &str) -> Self {
-        let s = |v: &str| RestrictedExpression::new_string(v.to_owned());
-        let (principal, attrs, parents) = match agent {
-            Some(a) => {
-                let user = a.user.clone().unwrap_or_else(|| a.uid.to_string());
-                let mut parents: HashSet<EntityUid> = HashSet::new();
-                parents.insert(uid("Wl::User", &user));
-                parents.insert(uid("Wl::Group", &a.gid.to_string()));
-                if let Some(unit) = &a.unit {
-                    parents.insert(uid("Wl::Unit", unit));
-                }
-                if let Some(cg) = &a.cgroup {
-                    // "/a/b/c" is in "/a/b/c", "/a/b", "/a" and "/".
-                    let mut path = cg.as_str();
-                    loop {
-                        parents.insert(uid("Wl::Cgroup", if path.is_empty() { "/" } else { path }));
-                        match path.rfind('/') {
-                            Some(0) if path.len() > 1 => path = "",
-                            Some(i) if i > 0 => path = &path[..i],
-                            _ => break,
-                        }
+        let (principal, host, ancestors, list) = entity_list(agent, host);
+        let entities = Entities::from_entities(list, None).expect("distinct entities");
+        Self { principal, host, ancestors, entities, relevant: std::sync::Mutex::new(Vec::new()) }
+    }
+}
+
+/// The agent entity with its parents, and the host entity: (agent, host, the agent's
+/// ancestors, all entities).
+fn entity_list(
+    agent: Option<&AgentIdentity>,
+    host: &str,
+) -> (EntityUid, EntityUid, HashSet<EntityUid>, Vec<Entity>) {
+    let s = |v: &str| RestrictedExpression::new_string(v.to_owned());
+    let (principal, attrs, parents) = match agent {
+        Some(a) => {
+            let user = a.user.clone().unwrap_or_else(|| a.uid.to_string());
+            let mut parents: HashSet<EntityUid> = HashSet::new();
+            parents.insert(uid("Wl::User", &user));
+            parents.insert(uid("Wl::Group", &a.gid.to_string()));
+            if let Some(unit) = &a.unit {
+                parents.insert(uid("Wl::Unit", unit));
+            }
+            if let Some(cg) = &a.cgroup {
+                // "/a/b/c" is in "/a/b/c", "/a/b", "/a" and "/".
+                let mut path = cg.as_str();
+                loop {
+                    parents.insert(uid("Wl::Cgroup", if path.is_empty() { "/" } else { path }));
+                    match path.rfind('/') {
+                        Some(0) if path.len() > 1 => path = "",
+                        Some(i) if i > 0 => path = &path[..i],
+                        _ => break,
                     }
                 }
-                let attrs: HashMap<String, RestrictedExpression> = [
-                    ("uid".to_owned(), RestrictedExpression::new_long(i64::from(a.uid))),
-                    ("user".to_owned(), s(&user)),
-                    ("unit".to_owned(), s(a.unit.as_deref().unwrap_or(""))),
-                    ("cgroup".to_owned(), s(a.cgroup.as_deref().unwrap_or(""))),
-                    ("exe".to_owned(), s(a.exe.as_deref().unwrap_or(""))),
-                    ("comm".to_owned(), s(&a.comm)),
-                ]
-                .into();
-                (uid("Wl::Agent", &format!("pid:{}", a.pid)), attrs, parents)
             }
-            None => {
-                let attrs: HashMap<String, RestrictedExpression> = [
-                    ("uid".to_owned(), RestrictedExpression::new_long(-1)),
-                    ("user".to_owned(), s("")),
-                    ("unit".to_owned(), s("")),
-                    ("cgroup".to_owned(), s("")),
-                    ("exe".to_owned(), s("")),
-                    ("comm".to_owned(), s("")),
-                ]
-                .into();
-                (uid("Wl::Agent", "unknown"), attrs, HashSet::new())
-            }
-        };
-        let mut list = Vec::new();
-        for parent in &parents {
-            list.push(Entity::with_uid(parent.clone()));
+            let attrs: HashMap<String, RestrictedExpression> = [
+                ("uid".to_owned(), RestrictedExpression::new_long(i64::from(a.uid))),
+                ("user".to_owned(), s(&user)),
+                ("unit".to_owned(), s(a.unit.as_deref().unwrap_or(""))),
+                ("cgroup".to_owned(), s(a.cgroup.as_deref().unwrap_or(""))),
+                ("exe".to_owned(), s(a.exe.as_deref().unwrap_or(""))),
+                ("comm".to_owned(), s(&a.comm)),
+            ]
+            .into();
+            (uid("Wl::Agent", &format!("pid:{}", a.pid)), attrs, parents)
         }
-        let ancestors = parents.clone();
-        let agent_entity =
-            Entity::new(principal.clone(), attrs, parents).expect("literal attributes evaluate");
-        list.push(agent_entity);
-        let host_uid = uid("Wl::Host", host);
-        let host_attrs: HashMap<String, RestrictedExpression> = [("name".to_owned(), s(host))].into();
-        list.push(
-            Entity::new(host_uid.clone(), host_attrs, HashSet::new()).expect("literal attributes evaluate"),
-        );
-        let entities = Entities::from_entities(list, None).expect("distinct entities");
-        Self { principal, host: host_uid, ancestors, entities, relevant: std::sync::Mutex::new(Vec::new()) }
+        None => {
+            let attrs: HashMap<String, RestrictedExpression> = [
+                ("uid".to_owned(), RestrictedExpression::new_long(-1)),
+                ("user".to_owned(), s("")),
+                ("unit".to_owned(), s("")),
+                ("cgroup".to_owned(), s("")),
+                ("exe".to_owned(), s("")),
+                ("comm".to_owned(), s("")),
+            ]
+            .into();
+            (uid("Wl::Agent", "unknown"), attrs, HashSet::new())
+        }
+    };
+    let mut list = Vec::new();
+    for parent in &parents {
+        list.push(Entity::with_uid(parent.clone()));
     }
+    let ancestors = parents.clone();
+    let agent_entity = Entity::new(principal.clone(), attrs, parents).expect("literal attributes evaluate");
+    list.push(agent_entity);
+    let host_uid = uid("Wl::Host", host);
+    let host_attrs: HashMap<String, RestrictedExpression> = [("name".to_owned(), s(host))].into();
+    list.push(
+        Entity::new(host_uid.clone(), host_attrs, HashSet::new()).expect("literal attributes evaluate"),
+    );
+    (principal, host_uid, ancestors, list)
 }
 
 /// The policy set in force, swapped atomically on reload, and the modes.

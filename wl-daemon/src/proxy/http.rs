@@ -33,6 +33,7 @@ use serde_json::json;
 use super::Shared;
 use crate::{
     audit::{AuditLog, AuditRecord, RequestRecord},
+    broker::client::CredentialError,
     config::Mode,
     intercept::identity::AgentIdentity,
     policy::{
@@ -179,6 +180,11 @@ async fn handle(mut req: Request<Incoming>, ctx: Arc<ConnContext>) -> Response<P
         proto_agent: format!("{:?}", req.version()),
         proto_upstream: None,
         policy: Default::default(),
+        secret: None,
+        jti: None,
+        credential: None,
+        credential_error: None,
+        redactions: 0,
         error: None,
     };
 
@@ -273,6 +279,54 @@ async fn handle(mut req: Request<Incoming>, ctx: Arc<ConnContext>) -> Response<P
         }
     }
 
+    // The credential bound to this host, if any: only over TLS verified for the host (the
+    // connection's SNI, or the explicit listener's API host, is what upstream TLS verifies).
+    let mut redactor = None;
+    if let Some(binding) = shared.credentials.as_ref().and_then(|c| c.binding(&host).map(|b| (c, b))) {
+        let (credentials, binding) = binding;
+        record.secret = Some(binding.secret.clone());
+        let injected = match ctx.scheme {
+            Scheme::Https => {
+                credentials
+                    .inject(
+                        binding,
+                        &mut parts.headers,
+                        ctx.agent.as_ref(),
+                        &request_facts.method,
+                        &request_facts.path,
+                    )
+                    .await
+            }
+            Scheme::Http => Err(CredentialError::Refused {
+                code: "plaintext_upstream".into(),
+                message: format!("the credential for `{host}` is never sent over plain HTTP; use https"),
+            }),
+        };
+        match injected {
+            Ok(injected) => {
+                record.credential = Some("injected");
+                record.jti = Some(injected.jti);
+                redactor = Some(injected.redactor);
+            }
+            Err(e) => {
+                record.credential = Some("missing");
+                record.credential_error = Some(e.code().to_owned());
+                tracing::warn!(request_id, host = %host, secret = %binding.secret, error = %e, ?mode, "no credential for the request");
+                if mode == Mode::Enforce {
+                    discard_rest(body).await;
+                    return finish_error(
+                        &shared.audit,
+                        record,
+                        started,
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "wl_credential_unavailable",
+                        format!("no credential for `{host}`, so the request was not sent: {e}"),
+                    );
+                }
+            }
+        }
+    }
+
     let up_counter = Arc::new(AtomicU64::new(0));
     strip_hop_by_hop(&mut parts.headers, upgrade);
     parts.headers.remove(header::HOST);
@@ -323,9 +377,59 @@ async fn handle(mut req: Request<Incoming>, ctx: Arc<ConnContext>) -> Response<P
     } else {
         strip_hop_by_hop(resp.headers_mut(), false);
     }
-    let (parts, body) = resp.into_parts();
+    let (mut parts, body) = resp.into_parts();
+    let mut body = body.boxed();
+    if let Some(redactor) = &redactor {
+        record.redactions += redactor.redact_headers(&mut parts.headers);
+        if bounded_plain_length(&parts.headers).is_some() {
+            // Small, complete, uncompressed bodies are read whole and scanned; streams
+            // (SSE) and large or compressed bodies pass as they are.
+            match body.collect().await {
+                Ok(collected) => {
+                    let bytes = collected.to_bytes();
+                    let bytes = match redactor.redact(&bytes) {
+                        Some((redacted, n)) => {
+                            record.redactions += n;
+                            parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(redacted.len()));
+                            Bytes::from(redacted)
+                        }
+                        None => bytes,
+                    };
+                    body = Full::new(bytes).map_err(|never| match never {}).boxed();
+                }
+                Err(e) => {
+                    let msg = format!("upstream {host} ({}): response body failed: {e}", ctx.dst);
+                    return finish_error(
+                        &ctx.shared.audit,
+                        record,
+                        started,
+                        StatusCode::BAD_GATEWAY,
+                        "wl_upstream_error",
+                        msg,
+                    );
+                }
+            }
+        }
+        if record.redactions > 0 {
+            tracing::warn!(request_id, host = %host, redactions = record.redactions, "the response echoed the credential: redacted");
+        }
+    }
     let body = Audited::new(body, ctx.shared.audit.clone(), record, started, up_counter);
     Response::from_parts(parts, body.boxed())
+}
+
+/// Responses scanned whole for an echoed credential: at most this many bytes.
+const REDACT_BODY_LIMIT: usize = 1 << 20;
+
+/// The length of a response body that can be scanned whole: declared, small, not
+/// compressed, not an event stream.
+fn bounded_plain_length(headers: &HeaderMap) -> Option<usize> {
+    let length = headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse::<usize>().ok()?;
+    let identity =
+        headers.get(header::CONTENT_ENCODING).is_none_or(|v| v.as_bytes().eq_ignore_ascii_case(b"identity"));
+    let stream =
+        headers.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    (length <= REDACT_BODY_LIMIT && identity && !stream).then_some(length)
 }
 
 fn is_upgrade(headers: &HeaderMap) -> bool {
@@ -586,14 +690,14 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Counted<B> {
 /// A response body that streams through and writes the request's audit record when it
 /// ends (or is dropped by a client that went away).
 struct Audited {
-    inner: Incoming,
+    inner: ProxyBody,
     pending: Option<(AuditLog, RequestRecord, Instant, Arc<AtomicU64>)>,
     bytes: u64,
 }
 
 impl Audited {
     fn new(
-        inner: Incoming,
+        inner: ProxyBody,
         audit: AuditLog,
         record: RequestRecord,
         started: Instant,

@@ -5,6 +5,7 @@
 //! daemon's own connects are exempt from redirection), relay bytes both ways unchanged, and
 //! write one audit record when the connection ends. TLS termination builds on this path.
 
+pub mod credential;
 pub mod explicit;
 pub mod http;
 pub mod splice;
@@ -88,6 +89,8 @@ pub struct Shared {
     pub policy: Arc<PolicyStore>,
     /// `policy.body_limit`.
     pub body_limit: usize,
+    /// `[[credential]]` bindings and the broker (none configured: `None`).
+    pub credentials: Option<credential::Credentials>,
     next_id: AtomicU64,
 }
 
@@ -116,6 +119,7 @@ impl Shared {
                     .expect("the built-in policies load"),
             ),
             body_limit: 64 * 1024,
+            credentials: None,
             next_id: AtomicU64::new(1),
         }
     }

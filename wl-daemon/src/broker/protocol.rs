@@ -1,0 +1,159 @@
+//! What travels on the broker's socket: one JSON object per line each way, a request
+//! tagged by `op` and a [`Reply`]. Secret values travel base64-encoded in `value`, only in
+//! `put`/`rotate`/`verify` requests (from wlctl) and `redeem` replies (to the proxy); the
+//! buffers they pass through are zeroed after use on both sides.
+
+use base64::{engine::general_purpose::STANDARD, Engine};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use zeroize::Zeroizing;
+
+use super::store::{SecretMeta, SecretValue};
+use crate::intercept::identity::AgentIdentity;
+
+/// The longest request line the broker reads.
+pub const MAX_LINE: u64 = 256 * 1024;
+
+/// A request to the broker.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum BrokerRequest {
+    /// Ask for a Secret Capability Token (proxy). The broker applies its `UseSecret`
+    /// policy first.
+    Issue(Use),
+    /// Exchange a token for the secret (proxy); `use_` must match what the token names.
+    Redeem {
+        /// The token.
+        sct: String,
+        /// What the proxy is about to use it for.
+        #[serde(flatten)]
+        use_: Use,
+    },
+    /// Store a new secret (wlctl).
+    Put {
+        /// Its name.
+        name: String,
+        /// Hosts it may be sent to.
+        hosts: Vec<String>,
+        /// The value.
+        value: SecretValue,
+    },
+    /// Replace a secret's value, and its hosts when given (wlctl).
+    Rotate {
+        /// Its name.
+        name: String,
+        /// New hosts; empty keeps the old ones.
+        #[serde(default)]
+        hosts: Vec<String>,
+        /// The new value.
+        value: SecretValue,
+    },
+    /// Delete a secret (wlctl).
+    Remove {
+        /// Its name.
+        name: String,
+    },
+    /// Names, hosts and times of every secret (wlctl).
+    List,
+    /// Whether `value` is the stored value of `name`, compared in constant time (wlctl).
+    Verify {
+        /// Its name.
+        name: String,
+        /// The value to compare.
+        value: SecretValue,
+    },
+    /// Make a new SCT signing key (wlctl); the old one verifies until its tokens expire.
+    RotateKey,
+    /// Counts and the current key id.
+    Status,
+}
+
+/// One intended use of a secret: by an agent, for a request to a host.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Use {
+    /// The agent the request is made for (`None`: not known).
+    pub agent: Option<AgentIdentity>,
+    /// The API host.
+    pub host: String,
+    /// The secret's name.
+    pub secret: String,
+    /// HTTP method.
+    pub method: String,
+    /// HTTP path (no query).
+    pub path: String,
+}
+
+/// A secret's listing (never its value).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Listing {
+    /// What the store knows.
+    #[serde(flatten)]
+    pub meta: SecretMeta,
+    /// Unix ms of the last redemption, if any.
+    pub last_used_ms: Option<i64>,
+}
+
+/// The broker's answer.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Reply {
+    /// Whether the request succeeded.
+    pub ok: bool,
+    /// A stable error code when it did not (`sct_replayed`, `policy_denied`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    /// What went wrong and what to do.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// `issue`: the token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sct: Option<String>,
+    /// `issue`, `redeem`: the token's id (hex).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jti: Option<String>,
+    /// `redeem`: the secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<SecretValue>,
+    /// `list`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secrets: Option<Vec<Listing>>,
+    /// `put`, `rotate`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<SecretMeta>,
+    /// `verify`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub matches: Option<bool>,
+    /// `rotate_key`, `status`: the current signing key's id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kid: Option<String>,
+    /// `status`: how many secrets, and how many tokens the ledger remembers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counts: Option<serde_json::Value>,
+}
+
+impl Reply {
+    /// A success with nothing else.
+    pub fn ok() -> Self {
+        Self { ok: true, ..Self::default() }
+    }
+
+    /// A refusal.
+    pub fn error(code: &str, message: impl Into<String>) -> Self {
+        Self { ok: false, code: Some(code.to_owned()), message: Some(message.into()), ..Self::default() }
+    }
+}
+
+impl Serialize for SecretValue {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let encoded = Zeroizing::new(STANDARD.encode(self.expose()));
+        s.serialize_str(&encoded)
+    }
+}
+
+impl<'de> Deserialize<'de> for SecretValue {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let encoded = Zeroizing::new(String::deserialize(d)?);
+        STANDARD
+            .decode(encoded.as_bytes())
+            .map(SecretValue::new)
+            .map_err(|_| serde::de::Error::custom("a secret value must be base64"))
+    }
+}

@@ -1,0 +1,312 @@
+//! Credential injection: after policy allows a request to a host with a `[[credential]]`,
+//! obtain the secret from the broker (an SCT issued and redeemed for this agent, host and
+//! request), replace whatever the agent sent in that header (and the `strip` headers) with
+//! the real value, and keep nothing of it once the request head is written.
+//!
+//! The header value's bytes are owned by a buffer that zeroes itself when hyper drops the
+//! request head. To redact echoes of the secret in responses without keeping it, the proxy
+//! keeps only fingerprints (length and a Rabin-Karp hash under a per-process random base) of
+//! its raw, base64 and URL-encoded forms ([`Redactor`]).
+
+use std::collections::HashMap;
+
+use base64::{
+    engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD},
+    Engine,
+};
+use bytes::Bytes;
+use hyper::header::{HeaderMap, HeaderName, HeaderValue};
+use zeroize::{Zeroize, Zeroizing};
+
+use crate::{
+    broker::{
+        client::{BrokerClient, CredentialError},
+        protocol::Use,
+        store::SecretValue,
+    },
+    config::CredentialConfig,
+    intercept::identity::AgentIdentity,
+};
+
+/// What replaces a redacted header value or body span.
+pub const REDACTED: &[u8] = b"[redacted by wl]";
+
+/// The credential bindings and the broker they come from.
+#[derive(Debug)]
+pub struct Credentials {
+    by_host: HashMap<String, CredentialConfig>,
+    broker: BrokerClient,
+}
+
+/// A credential placed in a request.
+#[derive(Debug)]
+pub struct Injected {
+    /// The secret's name.
+    pub secret: String,
+    /// The token it was obtained with.
+    pub jti: String,
+    /// Fingerprints for redacting it from the response.
+    pub redactor: Redactor,
+}
+
+impl Credentials {
+    /// Bindings from `[[credential]]`, obtained through `broker`.
+    pub fn new(bindings: &[CredentialConfig], broker: BrokerClient) -> Self {
+        Self { by_host: bindings.iter().map(|c| (c.host.clone(), c.clone())).collect(), broker }
+    }
+
+    /// The binding for `host`, if any.
+    pub fn binding(&self, host: &str) -> Option<&CredentialConfig> {
+        self.by_host.get(host)
+    }
+
+    /// Obtains the secret for this request and puts it in `headers`, removing the agent's
+    /// own copies first. On error, `headers` is untouched.
+    pub async fn inject(
+        &self,
+        binding: &CredentialConfig,
+        headers: &mut HeaderMap,
+        agent: Option<&AgentIdentity>,
+        method: &str,
+        path: &str,
+    ) -> Result<Injected, CredentialError> {
+        let use_ = Use {
+            agent: agent.cloned(),
+            host: binding.host.clone(),
+            secret: binding.secret.clone(),
+            method: method.to_owned(),
+            path: path.to_owned(),
+        };
+        let (value, jti) = self.broker.obtain(use_).await?;
+        let redactor = Redactor::new(&value);
+        let header_value = header_value(&binding.format, &value).ok_or_else(|| CredentialError::Refused {
+            code: "unusable_secret".into(),
+            message: format!(
+                "secret `{}` cannot be sent in a header (it has control characters or non-ASCII bytes)",
+                binding.secret
+            ),
+        })?;
+        drop(value);
+        for name in std::iter::once(&binding.header).chain(&binding.strip) {
+            // INVARIANT: header names are validated with the configuration.
+            headers.remove(HeaderName::from_bytes(name.as_bytes()).expect("validated header name"));
+        }
+        let name = HeaderName::from_bytes(binding.header.as_bytes()).expect("validated header name");
+        headers.insert(name, header_value);
+        Ok(Injected { secret: binding.secret.clone(), jti, redactor })
+    }
+}
+
+/// Bytes that are zeroed when the last reference goes (the header value's storage).
+struct ZeroOnDrop(Vec<u8>);
+
+impl AsRef<[u8]> for ZeroOnDrop {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for ZeroOnDrop {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+/// `format` with `{secret}` replaced, as a sensitive header value (never indexed by HPACK,
+/// shown as `Sensitive` by `Debug`), or `None` when the secret is not a valid header value.
+fn header_value(format: &str, value: &SecretValue) -> Option<HeaderValue> {
+    let (before, after) = format.split_once("{secret}")?;
+    let mut bytes = Vec::with_capacity(before.len() + value.expose().len() + after.len());
+    bytes.extend_from_slice(before.as_bytes());
+    bytes.extend_from_slice(value.expose());
+    bytes.extend_from_slice(after.as_bytes());
+    let valid = bytes.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b));
+    let owned = ZeroOnDrop(bytes);
+    if !valid {
+        return None;
+    }
+    let mut header = HeaderValue::from_maybe_shared(Bytes::from_owner(owned)).ok()?;
+    header.set_sensitive(true);
+    Some(header)
+}
+
+/// Mersenne prime 2^61 - 1: the Rabin-Karp modulus.
+const MODULUS: u64 = (1 << 61) - 1;
+
+fn mul_mod(a: u64, b: u64) -> u64 {
+    ((u128::from(a) * u128::from(b)) % u128::from(MODULUS)) as u64
+}
+
+/// The per-process random base: fingerprints mean nothing outside this process.
+fn base() -> u64 {
+    static BASE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *BASE.get_or_init(|| {
+        let mut b = [0u8; 8];
+        getrandom::fill(&mut b).expect("the kernel's randomness is available");
+        256 + u64::from_le_bytes(b) % (MODULUS - 512)
+    })
+}
+
+fn hash(bytes: &[u8]) -> u64 {
+    let b = base();
+    bytes.iter().fold(0, |h, &x| (mul_mod(h, b) + u64::from(x)) % MODULUS)
+}
+
+/// Finds a secret's forms in response bytes from fingerprints alone.
+#[derive(Clone)]
+pub struct Redactor {
+    /// (length, hash, base^(length-1)) per form.
+    forms: Vec<(usize, u64, u64)>,
+}
+
+impl std::fmt::Debug for Redactor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Redactor({} forms)", self.forms.len())
+    }
+}
+
+/// Forms shorter than this are not looked for (they would match by chance in real text).
+const MIN_FORM: usize = 8;
+
+impl Redactor {
+    /// Fingerprints of the raw, base64 (standard and URL-safe) and URL-encoded forms.
+    pub fn new(value: &SecretValue) -> Self {
+        let raw = value.expose();
+        let forms: Vec<Zeroizing<Vec<u8>>> = vec![
+            Zeroizing::new(raw.to_vec()),
+            Zeroizing::new(STANDARD.encode(raw).into_bytes()),
+            Zeroizing::new(URL_SAFE_NO_PAD.encode(raw).into_bytes()),
+            Zeroizing::new(url_encode(raw)),
+        ];
+        let mut prints = Vec::new();
+        for form in &forms {
+            if form.len() < MIN_FORM {
+                continue;
+            }
+            let top = (1..form.len()).fold(1, |p, _| mul_mod(p, base()));
+            let print = (form.len(), hash(form), top);
+            if !prints.contains(&print) {
+                prints.push(print);
+            }
+        }
+        Self { forms: prints }
+    }
+
+    /// Byte ranges of `data` holding a form of the secret (sorted, merged).
+    pub fn find(&self, data: &[u8]) -> Vec<std::ops::Range<usize>> {
+        let b = base();
+        let mut found = Vec::new();
+        for &(len, target, top) in &self.forms {
+            if data.len() < len {
+                continue;
+            }
+            let mut h = hash(&data[..len]);
+            let mut i = 0;
+            loop {
+                if h == target {
+                    found.push(i..i + len);
+                }
+                if i + len == data.len() {
+                    break;
+                }
+                // Slide: drop data[i], add data[i + len].
+                let drop = mul_mod(u64::from(data[i]), top);
+                h = (h + MODULUS - drop) % MODULUS;
+                h = (mul_mod(h, b) + u64::from(data[i + len])) % MODULUS;
+                i += 1;
+            }
+        }
+        found.sort_by_key(|r| r.start);
+        let mut merged: Vec<std::ops::Range<usize>> = Vec::new();
+        for r in found {
+            match merged.last_mut() {
+                Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+                _ => merged.push(r),
+            }
+        }
+        merged
+    }
+
+    /// `data` with every form replaced by [`REDACTED`], or `None` when there is none.
+    pub fn redact(&self, data: &[u8]) -> Option<(Vec<u8>, usize)> {
+        let ranges = self.find(data);
+        if ranges.is_empty() {
+            return None;
+        }
+        let mut out = Vec::with_capacity(data.len());
+        let mut at = 0;
+        for r in &ranges {
+            out.extend_from_slice(&data[at..r.start]);
+            out.extend_from_slice(REDACTED);
+            at = r.end;
+        }
+        out.extend_from_slice(&data[at..]);
+        Some((out, ranges.len()))
+    }
+
+    /// Replaces every response header value that holds a form; returns how many.
+    pub fn redact_headers(&self, headers: &mut HeaderMap) -> usize {
+        let mut n = 0;
+        for value in headers.values_mut() {
+            if !self.find(value.as_bytes()).is_empty() {
+                *value = HeaderValue::from_static("[redacted by wl]");
+                n += 1;
+            }
+        }
+        n
+    }
+}
+
+/// Percent-encoding of everything but RFC 3986's unreserved characters.
+fn url_encode(raw: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(raw.len() * 3);
+    for &b in raw {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b);
+        } else {
+            out.extend_from_slice(format!("%{b:02X}").as_bytes());
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forms_are_found_and_redacted_without_the_secret() {
+        let secret = SecretValue::new(b"sk-live/0123456789+abc==".to_vec());
+        let r = Redactor::new(&secret);
+        assert!(!format!("{r:?}").contains("sk-live"));
+        let b64 = STANDARD.encode(secret.expose());
+        let url = String::from_utf8(url_encode(secret.expose())).unwrap();
+        let text = format!("a sk-live/0123456789+abc== b {b64} c {url} d");
+        let (out, n) = r.redact(text.as_bytes()).unwrap();
+        assert_eq!(n, 3);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "a [redacted by wl] b [redacted by wl] c [redacted by wl] d"
+        );
+        assert!(r.redact(b"nothing to see here, sk-live/0123456789+abd==").is_none());
+        // At the very start and end.
+        let (out, _) = r.redact(secret.expose()).unwrap();
+        assert_eq!(out, REDACTED);
+
+        let mut headers = HeaderMap::new();
+        headers.insert("x-echo", HeaderValue::from_str(&format!("key={b64}")).unwrap());
+        headers.insert("x-other", HeaderValue::from_static("fine"));
+        assert_eq!(r.redact_headers(&mut headers), 1);
+        assert_eq!(headers["x-echo"], "[redacted by wl]");
+        assert_eq!(headers["x-other"], "fine");
+    }
+
+    #[test]
+    fn header_values_are_sensitive_and_refuse_control_bytes() {
+        let v = header_value("Bearer {secret}", &SecretValue::new(b"sk-abc".to_vec())).unwrap();
+        assert!(v.is_sensitive());
+        assert_eq!(v, "Bearer sk-abc");
+        assert!(!format!("{v:?}").contains("sk-abc"));
+        assert!(header_value("{secret}", &SecretValue::new(b"a\r\nb".to_vec())).is_none());
+    }
+}
