@@ -492,6 +492,13 @@ impl Config {
                     c.host
                 ));
             }
+            let reverse = self.reverse.iter().any(|r| r.host == c.host);
+            if !self.tls.is_governed(&c.host) && !reverse {
+                return Err(format!(
+                    "credential for host `{}`: the host is not in tls.governed_hosts (nor a [[reverse]] host), so its TLS is never terminated and no credential could be injected: add it there",
+                    c.host
+                ));
+            }
             if self.credential[..i].iter().any(|o| o.host == c.host) {
                 return Err(format!("two [[credential]] entries for host `{}`: keep one", c.host));
             }
@@ -638,6 +645,12 @@ mod tests {
             ("[intercept]\ncgroups = [\"agents\"]", "absolute path"),
             ("[intercept]\nexclude = [\"10.0.0.0/33\"]", "line 2"),
             ("[intercept]\nfail = \"sometimes\"", "sometimes"),
+            ("[broker]\ntoken_ttl = \"5m\"", "between 1s and 60s"),
+            ("[[credential]]\nhost = \"api.openai.com\"\nsecret = \"o\"\nheader = \"authorization\"\nformat = \"Bearer\"", "exactly once"),
+            ("[[credential]]\nhost = \"internal.example\"\nsecret = \"o\"\nheader = \"authorization\"", "not in tls.governed_hosts"),
+            ("[[credential]]\nhost = \"api.openai.com\"\nsecret = \"../o\"\nheader = \"authorization\"", "invalid secret name"),
+            ("[[credential]]\nhost = \"api.openai.com\"\nsecret = \"o\"\nheader = \"bad header\"", "not a valid header name"),
+            ("[[credential]]\nhost = \"api.openai.com\"\nsecret = \"o\"\nheader = \"x\"\n[[credential]]\nhost = \"api.openai.com\"\nsecret = \"p\"\nheader = \"x\"", "two [[credential]]"),
         ] {
             let msg = Config::parse(toml, "t.toml").unwrap_err().to_string();
             assert!(msg.contains(needle), "{toml:?} -> {msg}");

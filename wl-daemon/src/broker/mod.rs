@@ -256,7 +256,12 @@ async fn connection(stream: UnixStream, broker: &Broker) -> std::io::Result<()> 
             return Ok(());
         }
         let reply = match serde_json::from_slice::<BrokerRequest>(&line) {
-            Err(e) => Reply::error("bad_request", format!("cannot parse the request: {e}")),
+            // Only the position and the kind of error: serde's message can quote the
+            // input, and the input may hold a secret.
+            Err(e) => Reply::error(
+                "bad_request",
+                format!("cannot parse the request ({:?} error at column {})", e.classify(), e.column()),
+            ),
             Ok(req) => {
                 let role = match req {
                     BrokerRequest::Issue(_) | BrokerRequest::Redeem { .. } | BrokerRequest::Status => {
