@@ -265,6 +265,14 @@ fn tokens_are_single_use_across_restarts_and_refused_with_their_codes() {
     assert!(code == "sct_bad_signature" || code == "sct_malformed", "{code}");
     assert_eq!(redeem("wlsct1.AAAA", use_of(API, "openai"))["code"], "sct_malformed");
 
+    // A new signing key: tokens signed by the old one are still good until they expire.
+    let before_rotation = issue(use_of(API, "openai"))["sct"].as_str().unwrap().to_owned();
+    let rotated = wlctl(&home, &["broker", "rotate-key"], None);
+    assert!(rotated.status.success(), "{}", String::from_utf8_lossy(&rotated.stderr));
+    assert_eq!(redeem(&before_rotation, use_of(API, "openai"))["ok"], true);
+    let after = issue(use_of(API, "openai"))["sct"].as_str().unwrap().to_owned();
+    assert_ne!(after[7..18], before_rotation[7..18], "the new token names the new key id");
+
     // Issuing is the broker's policy: a secret only for the hosts it was stored for.
     let denied = issue(use_of("evil.example", "openai"));
     assert_eq!(denied["code"], "policy_denied", "{denied}");
@@ -319,6 +327,16 @@ print(s.makefile().readline().strip())
     assert!(reply["message"].as_str().unwrap().contains("uid 65534"), "{reply}");
     // Root (an admin) is served on the same socket.
     assert_eq!(broker_call(&socket, &json!({"op": "list"}))["ok"], true);
+    // The broker has no network of its own: another network namespace, with no interface up.
+    let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap();
+    assert_ne!(ns(&broker.pid().to_string()), ns("self"), "the broker shares the host's network");
+    let links = Command::new("nsenter")
+        .arg(format!("--net=/proc/{}/ns/net", broker.pid()))
+        .args(["ip", "-o", "link", "show", "up"])
+        .output()
+        .unwrap();
+    assert!(links.status.success());
+    assert_eq!(String::from_utf8_lossy(&links.stdout).trim(), "", "interfaces up in the broker's namespace");
     let refused = home.broker_audit_records();
     assert!(refused.iter().any(|r| r["event"] == "connect" && r["peer_uid"] == 65534), "{refused:#?}");
     broker.stop_ok();

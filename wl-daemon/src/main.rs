@@ -73,6 +73,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(path) => Config::load(&path)?,
                 None => Config::builtin(),
             };
+            // Before any thread exists, so that every thread of the broker inherits it.
+            wl_daemon::broker::isolate_network();
             // Two threads are plenty: every request is a short critical section.
             let runtime =
                 tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;

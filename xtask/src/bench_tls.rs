@@ -19,6 +19,8 @@ const ROUNDS: usize = 3;
 const SECONDS: u32 = 5;
 const CONNECTIONS: u32 = 32;
 const HOST: &str = "api.openai.com";
+/// A second name of the same upstream, with a `[[credential]]`: the same path plus injection.
+const CRED_HOST: &str = "api.anthropic.com";
 const UPSTREAM_IP: &str = "127.0.2.1";
 const NGINX_PROXY_IP: &str = "127.0.2.2";
 
@@ -81,7 +83,7 @@ fn pki(dir: &Path) -> anyhow::Result<()> {
          -keyout root.key -out root.pem 2>/dev/null && \
          openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj /CN={HOST} \
          -keyout api.key -out api.csr 2>/dev/null && \
-         printf 'subjectAltName=DNS:{HOST}\\n' > ext && \
+         printf 'subjectAltName=DNS:{HOST},DNS:{CRED_HOST}\\n' > ext && \
          openssl x509 -req -in api.csr -CA root.pem -CAkey root.key -CAcreateserial -days 2 -extfile ext \
          -out api.pem 2>/dev/null"
     ))
@@ -193,12 +195,50 @@ pub fn run(dir: &Path, cgroup_dir: &Path, cgroup_name: &str) -> anyhow::Result<R
         &wl_config,
         format!(
             "state_dir = {state:?}\n[intercept]\ncgroups = [{cgroup_name:?}]\nports = [443]\nlisten = [\"127.0.0.1:0\"]\n\
-             [audit]\npath = {audit:?}\n[tls]\nupstream_extra_roots = [{root:?}]\n",
+             [audit]\npath = {audit:?}\n[tls]\nupstream_extra_roots = [{root:?}]\n\
+             [broker]\nsocket = {socket:?}\naudit = {broker_audit:?}\npolicy_dir = {none:?}\n\
+             [[credential]]\nhost = {CRED_HOST:?}\nsecret = \"bench\"\nheader = \"x-api-key\"\nformat = \"{{secret}}\"\n",
+            socket = dir.join("broker.sock").display().to_string(),
+            broker_audit = dir.join("broker-audit.jsonl").display().to_string(),
+            none = dir.join("no-broker-policies").display().to_string(),
             state = dir.join("state").display().to_string(),
             audit = dir.join("audit.jsonl").display().to_string(),
             root = dir.join("root.pem").display().to_string(),
         ),
     )?;
+    // The broker, with one secret for CRED_HOST (on the proxies' CPU).
+    let _broker = Proc(
+        Command::new("taskset")
+            .args(["-c", "1"])
+            .arg(workspace_root().join("target/release/wl-daemon"))
+            .arg("broker")
+            .arg("--config")
+            .arg(&wl_config)
+            .env("WL_LOG", "warn")
+            .spawn()
+            .context("starting wl-daemon broker")?,
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !dir.join("broker.sock").exists() {
+        if Instant::now() > deadline {
+            bail!("the broker did not come up");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut put = Command::new(workspace_root().join("target/release/wlctl"))
+        .arg("--config")
+        .arg(&wl_config)
+        .args(["secret", "put", "bench", "--host", CRED_HOST])
+        .stdin(Stdio::piped())
+        .spawn()?;
+    std::io::Write::write_all(
+        &mut put.stdin.take().context("stdin")?,
+        b"sk-bench-0123456789abcdef0123456789abcdef\n",
+    )?;
+    if !put.wait()?.success() {
+        bail!("wlctl secret put failed");
+    }
+
     let _wl = Proc(
         Command::new("taskset")
             .args(["-c", "1"])
@@ -224,24 +264,25 @@ pub fn run(dir: &Path, cgroup_dir: &Path, cgroup_name: &str) -> anyhow::Result<R
         std::thread::sleep(Duration::from_millis(50));
     }
 
-    let systems: [(&'static str, &str, bool); 3] = [
-        ("direct", UPSTREAM_IP, false),
-        ("nginx proxy", NGINX_PROXY_IP, false),
-        ("wl transparent", UPSTREAM_IP, true),
+    let systems: [(&'static str, &str, &str, bool); 4] = [
+        ("direct", UPSTREAM_IP, HOST, false),
+        ("nginx proxy", NGINX_PROXY_IP, HOST, false),
+        ("wl transparent", UPSTREAM_IP, HOST, true),
+        ("wl transparent + credential", UPSTREAM_IP, CRED_HOST, true),
     ];
     let scenarios: [(u32, bool); 3] = [(CONNECTIONS, false), (1, false), (1, true)];
     let mut samples: Vec<[Vec<Wrk>; 3]> =
         (0..systems.len()).map(|_| [Vec::new(), Vec::new(), Vec::new()]).collect();
     for _ in 0..ROUNDS {
-        for (si, (_, ip, in_cgroup)) in systems.iter().enumerate() {
+        for (si, (_, ip, host, in_cgroup)) in systems.iter().enumerate() {
             for (ci, (conns, close)) in scenarios.iter().enumerate() {
-                let text = wrk(dir, ip, *in_cgroup, cgroup_dir, *conns, *close)?;
+                let text = wrk(dir, ip, host, *in_cgroup, cgroup_dir, *conns, *close)?;
                 samples[si][ci].push(parse_wrk(&text)?);
             }
         }
     }
     let mut results = Results::default();
-    for (si, (name, _, _)) in systems.iter().enumerate() {
+    for (si, (name, _, _, _)) in systems.iter().enumerate() {
         let s = &samples[si];
         results.rows.push((name, median_of(&s[0]), median_of(&s[1]), median_of(&s[2])));
     }
@@ -252,13 +293,14 @@ pub fn run(dir: &Path, cgroup_dir: &Path, cgroup_name: &str) -> anyhow::Result<R
 fn wrk(
     dir: &Path,
     ip: &str,
+    host: &str,
     in_cgroup: bool,
     cgroup_dir: &Path,
     conns: u32,
     close: bool,
 ) -> anyhow::Result<String> {
-    let hosts = dir.join(format!("hosts-{ip}"));
-    std::fs::write(&hosts, format!("127.0.0.1 localhost\n{ip} {HOST}\n"))?;
+    let hosts = dir.join(format!("hosts-{ip}-{host}"));
+    std::fs::write(&hosts, format!("127.0.0.1 localhost\n{ip} {host}\n"))?;
     let join = if in_cgroup {
         format!("echo $$ > {}/cgroup.procs && ", cgroup_dir.display())
     } else {
@@ -266,7 +308,7 @@ fn wrk(
     };
     let header = if close { "-H 'Connection: close'" } else { "" };
     let script = format!(
-        "mount --bind {hosts} /etc/hosts && {join}exec taskset -c 0 wrk -t1 -c{conns} -d{SECONDS}s --latency {header} https://{HOST}/v1/chat/completions",
+        "mount --bind {hosts} /etc/hosts && {join}exec taskset -c 0 wrk -t1 -c{conns} -d{SECONDS}s --latency {header} https://{host}/v1/chat/completions",
         hosts = hosts.display()
     );
     let out =
@@ -283,13 +325,16 @@ pub fn report(r: &Results, mint: &str) -> String {
     let (_, d_ka, d_one, d_new) = find("direct");
     let (_, n_ka, _, _) = find("nginx proxy");
     let (_, w_ka, w_one, w_new) = find("wl transparent");
+    let (_, c_ka, c_one, _) = find("wl transparent + credential");
     let mut s = format!(
         "## TLS interception: wl transparent vs direct vs nginx\n\n\
          Command: `cargo xtask bench`. Upstream: nginx 1.22 over TLS (HTTP/1.1 to wrk) returning a 1.2 KB JSON \
          chat completion. Load: wrk 4.1, 1 thread, {SECONDS} s per run, {ROUNDS} rounds in turns, medians. \
          wrk on CPU 0; proxies and upstream on CPU 1. wl runs with interception (eBPF), TLS termination and \
          re-origination, and the audit trail on; nginx proxy terminates TLS and re-originates verified TLS with \
-         upstream keep-alive.\n\n\
+         upstream keep-alive. \"+ credential\": the same upstream under a second name with a \
+         `[[credential]]`, so every request also gets an SCT issued and redeemed by the broker (a separate \
+         process, on CPU 1 too) and the key injected.\n\n\
          | system | keep-alive req/s ({CONNECTIONS} conns) | p50 ms | p99 ms | 1 keep-alive connection p50 ms | new connection per request (1 at a time) p50 ms | req/s |\n\
          |---|---|---|---|---|---|---|\n"
     );
@@ -309,6 +354,8 @@ pub fn report(r: &Results, mint: &str) -> String {
          | keep-alive throughput ≥ 50% of direct | {:.0}% | {} |\n\
          | one keep-alive connection: < 0.1 ms added at p50 | {:+.3} ms | {} |\n\
          | new connection: < 1 ms added | {:+.3} ms at p50 (TLS handshake with wl, leaf cached, upstream pooled) | {} |\n\
+         \nCredential injection, whole path: keep-alive throughput {:.0}% of wl without a credential; one \
+         keep-alive connection {:+.3} ms at p50.\n\
          \nLeaf minting (`cargo bench -p wl-daemon --bench tls`): {mint}.\n",
         vs_nginx * 100.0,
         met(vs_nginx >= 0.9),
@@ -318,6 +365,8 @@ pub fn report(r: &Results, mint: &str) -> String {
         met(added_one < 0.1),
         new_added,
         met(new_added < 1.0),
+        c_ka.rps / w_ka.rps * 100.0,
+        c_one.p50 - w_one.p50,
     ));
     s
 }
@@ -358,6 +407,67 @@ pub fn scratch() -> anyhow::Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("wl-bench-tls-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
+}
+
+/// Runs the broker round-trip benchmark twice (broker and client free to run on either
+/// CPU, then both pinned to one) and returns its Markdown section.
+pub fn broker_round_trip() -> anyhow::Result<String> {
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(workspace_root())
+        .args(["bench", "-q", "-p", "wl-daemon", "--bench", "broker", "--no-run"])
+        .status()?;
+    if !status.success() {
+        bail!("building the broker bench failed");
+    }
+    // The bench binary cargo just built (the newest one).
+    let deps = workspace_root().join("target/release/deps");
+    let exe = std::fs::read_dir(&deps)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("broker-") && !n.contains('.'))
+        })
+        .max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok())
+        .context("no broker bench binary")?;
+    let run = |pinned: bool| -> anyhow::Result<serde_json::Value> {
+        let mut cmd = if pinned {
+            let mut c = Command::new("taskset");
+            c.args(["-c", "1"]).arg(&exe);
+            c
+        } else {
+            Command::new(&exe)
+        };
+        let out = cmd.stderr(Stdio::inherit()).output()?;
+        if !out.status.success() {
+            bail!("broker bench failed");
+        }
+        Ok(serde_json::from_str(String::from_utf8(out.stdout)?.lines().last().unwrap_or("{}"))?)
+    };
+    let (free, pinned) = (run(false)?, run(true)?);
+    let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    let mut s = String::from(
+        "## Secrets broker: SCT issue + redeem round trip
+
+         Command: `cargo bench -p wl-daemon --bench broker` (run by `cargo xtask bench`, once with the          broker and its client free to run on either CPU, once both pinned to CPU 1 with taskset). A real          `wl-daemon broker` process; one kept-open Unix-socket connection, as the proxy keeps; per sample an          `issue` (peer check, UseSecret policy, Ed25519 signature) then a `redeem` (verify_strict, binding,          ledger append, decryption). 5,000 samples after 500 warm-up. `status` is a request that does no          work: the transport alone.
+
+         | placement | issue + redeem p50 µs | p99 µs | issue p50 | redeem p50 | status round trip p50 | target p50 < 150 µs |
+         |---|---|---|---|---|---|---|
+",
+    );
+    for (name, v) in [("either CPU", &free), ("one CPU", &pinned)] {
+        s.push_str(&format!(
+            "| {name} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} |
+",
+            f(v, "p50_us"),
+            f(v, "p99_us"),
+            f(v, "issue_p50_us"),
+            f(v, "redeem_p50_us"),
+            f(v, "status_p50_us"),
+            met(f(v, "p50_us") < 150.0),
+        ));
+    }
+    Ok(s)
 }
 
 /// Runs the Cedar evaluation micro-benchmark and returns its Markdown section.

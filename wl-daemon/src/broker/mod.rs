@@ -65,12 +65,30 @@ struct Vault {
 
 struct Broker {
     vault: Mutex<Vault>,
+    /// `UseSecret` decisions by everything they depend on (see [`Broker::decide`]).
+    decisions: Mutex<HashMap<[u8; 32], crate::policy::Decision>>,
     policy: arc_swap::ArcSwap<PolicyEngine>,
     policy_dir: PathBuf,
     ttl_ms: i64,
     client_uids: Vec<u32>,
     admin_uids: Vec<u32>,
     audit: AuditLog,
+}
+
+/// Takes the broker off the network: a new, empty network namespace (only a loopback
+/// interface that is down) for the whole process. The broker needs none: its socket is a
+/// path in the file system, which works across network namespaces. Needs CAP_SYS_ADMIN;
+/// without it (an unprivileged service user) the unit's `PrivateNetwork=yes` and
+/// `RestrictAddressFamilies=AF_UNIX` do the same, and the log says which applies. Call
+/// before any thread is started: a namespace is per thread, and threads inherit it.
+pub fn isolate_network() {
+    match nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET) {
+        Ok(()) => tracing::info!("broker runs in its own empty network namespace: no network access"),
+        Err(e) => tracing::info!(
+            error = %e,
+            "cannot create a network namespace; network isolation is left to the service unit (PrivateNetwork=yes)"
+        ),
+    }
 }
 
 /// Runs the broker until SIGTERM or SIGINT.
@@ -110,6 +128,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let last_used = read_usage(&dir);
     let broker = Arc::new(Broker {
         vault: Mutex::new(Vault { store, keys, ledger, last_used }),
+        decisions: Mutex::new(HashMap::new()),
         policy: arc_swap::ArcSwap::from_pointee(policy),
         policy_dir: config.broker.policy_dir.clone(),
         ttl_ms: config.broker.token_ttl.as_millis() as i64,
@@ -367,14 +386,7 @@ impl Broker {
             if use_.host.len() > 255 || use_.secret.len() > 255 {
                 return Err(("bad_request", "host or secret name too long".to_owned()));
             }
-            let decision = self.policy.load().decide_use_secret(
-                use_.agent.as_ref(),
-                &use_.secret,
-                &meta.hosts,
-                &use_.host,
-                &use_.method,
-                &use_.path,
-            );
+            let decision = self.decide(&use_, &meta.hosts);
             record.policies = decision.policies.clone();
             if !decision.allow {
                 let why = if decision.errors.is_empty() {
@@ -415,6 +427,35 @@ impl Broker {
         };
         self.audit.record(AuditRecord::Secret(Box::new(record)));
         reply
+    }
+
+    /// The `UseSecret` decision, remembered: it depends only on the policy set (its
+    /// generation), the agent, the secret and its hosts, and the request, all of which are
+    /// in the key; a process's agents ask the same question request after request.
+    fn decide(&self, use_: &Use, hosts: &[String]) -> crate::policy::Decision {
+        use sha2::{Digest, Sha256};
+        let engine = self.policy.load();
+        let mut h = Sha256::new();
+        h.update(engine.generation().to_be_bytes());
+        h.update(serde_json::to_vec(&(use_, hosts)).expect("uses serialize"));
+        let key: [u8; 32] = h.finalize().into();
+        if let Some(d) = self.decisions.lock().expect("decision cache poisoned").get(&key) {
+            return d.clone();
+        }
+        let d = engine.decide_use_secret(
+            use_.agent.as_ref(),
+            &use_.secret,
+            hosts,
+            &use_.host,
+            &use_.method,
+            &use_.path,
+        );
+        let mut cache = self.decisions.lock().expect("decision cache poisoned");
+        if cache.len() >= 4096 {
+            cache.clear();
+        }
+        cache.insert(key, d.clone());
+        d
     }
 
     fn redeem(&self, vault: &mut Vault, token: &str, use_: Use, peer_uid: u32, now: i64) -> Reply {

@@ -137,6 +137,12 @@ impl PolicyEngine {
         .expect("the built-in policies are valid")
     }
 
+    /// This set's generation: different for every set loaded in this process, so caches of
+    /// its decisions can tell a reload.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
     /// The broker's built-in policies.
     pub fn builtin_broker() -> Self {
         Self::from_sources(&[("<built-in>/broker.cedar".into(), BROKER_POLICIES.into())], "<built-in>".into())
