@@ -146,6 +146,8 @@ pub struct DaemonConfig {
     pub exclude: Vec<String>,
     /// Extra lines inside `[policy]`.
     pub policy: String,
+    /// `audit.path`, when not the home's `audit.jsonl`.
+    pub audit_path: Option<PathBuf>,
     /// Extra lines inside `[broker]` (socket, audit and policy_dir are set in the home).
     pub broker: String,
     /// Appended verbatim.
@@ -164,6 +166,7 @@ impl DaemonConfig {
             fail: "open",
             exclude: Vec::new(),
             policy: String::new(),
+            audit_path: None,
             broker: String::new(),
             extra: String::new(),
         }
@@ -186,7 +189,7 @@ impl DaemonConfig {
             quic = self.block_quic,
             fail = self.fail,
             pin = pin_dir.display().to_string(),
-            audit = dir.join("audit.jsonl").display().to_string(),
+            audit = self.audit_path.clone().unwrap_or_else(|| dir.join("audit.jsonl")).display().to_string(),
             policies = dir.join("policies").display().to_string(),
             broker_socket = if self.broker.contains("socket =") {
                 String::new()

@@ -355,6 +355,29 @@ pub struct AuditConfig {
     /// JSON-lines file the records are appended to.
     #[serde(default = "default_audit_path")]
     pub path: PathBuf,
+    /// Rotate the file when it grows past this many bytes (the chain goes on).
+    #[serde(default = "default_rotate_bytes")]
+    pub rotate_bytes: u64,
+    /// A signed checkpoint after this many records...
+    #[serde(default = "default_checkpoint_every")]
+    pub checkpoint_every: u64,
+    /// ...or this long after the last one.
+    #[serde(default = "default_checkpoint_interval", with = "humantime_serde")]
+    pub checkpoint_interval: Duration,
+    /// In `enforce`, a request's decision is on disk (fsynced, with group commit) before
+    /// the request is forwarded; a trail that cannot be written refuses requests (503).
+    #[serde(default = "default_true")]
+    pub durable: bool,
+}
+
+fn default_rotate_bytes() -> u64 {
+    100 << 20
+}
+fn default_checkpoint_every() -> u64 {
+    10_000
+}
+fn default_checkpoint_interval() -> Duration {
+    Duration::from_secs(5)
 }
 
 fn default_state_dir() -> PathBuf {
@@ -403,7 +426,33 @@ impl Default for InterceptConfig {
 
 impl Default for AuditConfig {
     fn default() -> Self {
-        Self { path: default_audit_path() }
+        Self {
+            path: default_audit_path(),
+            rotate_bytes: default_rotate_bytes(),
+            checkpoint_every: default_checkpoint_every(),
+            checkpoint_interval: default_checkpoint_interval(),
+            durable: true,
+        }
+    }
+}
+
+impl Config {
+    /// How the daemon's trail is written (keys and anchor under `<state_dir>/audit`).
+    pub fn trail_options(&self) -> crate::audit::trail::TrailOptions {
+        crate::audit::trail::TrailOptions {
+            key_dir: self.state_dir.join("audit"),
+            rotate_bytes: self.audit.rotate_bytes,
+            checkpoint_every: self.audit.checkpoint_every,
+            checkpoint_interval: self.audit.checkpoint_interval,
+        }
+    }
+
+    /// How the broker's trail is written (its own key, under the broker's state).
+    pub fn broker_trail_options(&self) -> crate::audit::trail::TrailOptions {
+        crate::audit::trail::TrailOptions {
+            key_dir: self.broker_state_dir().join("audit"),
+            ..self.trail_options()
+        }
     }
 }
 
@@ -526,6 +575,12 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), String> {
+        if self.audit.checkpoint_every == 0 || self.audit.checkpoint_interval.is_zero() {
+            return Err("audit.checkpoint_every and audit.checkpoint_interval must be above zero".into());
+        }
+        if self.audit.rotate_bytes < 4096 {
+            return Err(format!("audit.rotate_bytes is {}: give at least 4096", self.audit.rotate_bytes));
+        }
         let ic = &self.intercept;
         if ic.cgroups.is_empty() {
             return Err(

@@ -77,7 +77,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(source = %policy.current().source, policies = policy.current().count, "policies loaded");
 
     let admin_listener = admin::bind(&config.admin_socket)?;
-    let (audit, audit_writer) = AuditLog::open(&config.audit.path).await?;
+    let (audit, audit_writer) = AuditLog::open(&config.audit.path, config.trail_options()).await?;
     let interceptor = Interceptor::start(&config.intercept, &mount, &bound)?;
     let attached = interceptor.attached().to_vec();
 
@@ -93,6 +93,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     shared.server_first_after = config.intercept.server_first_after;
     shared.policy = policy.clone();
     shared.body_limit = config.policy.body_limit;
+    shared.audit_durable = config.audit.durable;
     if !config.credential.is_empty() {
         // The broker may start after the daemon: it is reached per request, not now.
         let broker =

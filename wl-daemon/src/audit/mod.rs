@@ -1,9 +1,16 @@
-//! The audit trail: one JSON object per line, appended to `audit.path`.
+//! The audit trail: one JSON object per line, hash-chained, with signed checkpoints
+//! (`trail.rs`), verifiable offline (`verify.rs`, `wlctl audit verify`).
 //!
 //! In: [`AuditRecord`]s from the request path, through a bounded channel so that a slow
-//! disk never stalls a connection. Out: lines in the file, written by one task that drains
-//! the channel and flushes once per batch (group commit). Records that cannot be queued are
-//! counted, never silently lost: the count is logged and written as a record of its own.
+//! disk never stalls a connection; or, for a decision that must be on disk before it is
+//! acted on (`enforce`), with [`AuditLog::record_durable`], which waits for the fsync. Out:
+//! lines in the file, written by one task that drains the channel and writes once per
+//! batch (group commit). Records that cannot be queued, or that the disk refuses for too
+//! long, are counted, never silently lost: the count is logged and written as a record of
+//! its own.
+
+pub mod trail;
+pub mod verify;
 
 use std::{
     path::{Path, PathBuf},
@@ -15,10 +22,9 @@ use std::{
 };
 
 use serde::Serialize;
-use tokio::{
-    io::AsyncWriteExt,
-    sync::{mpsc, oneshot},
-};
+use tokio::sync::{mpsc, oneshot};
+
+use self::trail::{Pending, Trail, TrailOptions};
 
 use crate::{config::Mode, intercept::identity::AgentIdentity};
 
@@ -37,6 +43,49 @@ pub enum AuditError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// The trail cannot take a record that must be durable (disk full or failing, or the
+/// writer is gone). In `enforce` the request is refused.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct AuditUnavailable(pub String);
+
+/// A request's decision, written before the request is forwarded; in `enforce` it is on
+/// disk (fsynced) before anything goes upstream.
+#[derive(Debug, Serialize)]
+pub struct DecisionRecord {
+    /// The connection.
+    pub conn_id: u64,
+    /// The request (`wl-<conn>-<n>`, as in its `request` record).
+    pub request_id: String,
+    /// Who is calling.
+    pub agent: Option<AgentIdentity>,
+    /// The API host.
+    pub host: String,
+    /// HTTP method.
+    pub method: String,
+    /// Path (no query).
+    pub path: String,
+    /// The decision.
+    #[serde(flatten)]
+    pub policy: PolicyOutcome,
+}
+
+/// A signed checkpoint (see `trail.rs`).
+#[derive(Debug, Serialize)]
+pub struct Checkpoint {
+    /// `start`, `recovered` (after a torn tail was cut off), `periodic`, `rotate`, `shutdown`.
+    pub reason: &'static str,
+    /// Records in the chain up to and including this one (equal to its `seq`).
+    pub count: u64,
+    /// The signing key's id.
+    pub kid: String,
+    /// Ed25519 signature (base64) over `wl-audit-checkpoint-v1\0`, `seq` and `prev`.
+    pub sig: String,
+    /// Bytes of a torn last line cut off at start (`recovered`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub torn_bytes: Option<u64>,
 }
 
 /// One intercepted connection, written when it ends.
@@ -220,16 +269,23 @@ pub enum AuditRecord {
     Request(Box<RequestRecord>),
     /// A secrets-broker event: a token issued or redeemed, a refusal, a store change.
     Secret(Box<SecretRecord>),
-    /// Records that could not be queued since the last such record.
+    /// A request's decision, before it is forwarded.
+    Decision(Box<DecisionRecord>),
+    /// A signed checkpoint.
+    Checkpoint(Checkpoint),
+    /// Records that could not be queued or written since the last such record.
     Dropped {
         /// How many.
         count: u64,
     },
 }
 
+/// One line as written: time, position in the chain, the record.
 #[derive(Serialize)]
 struct Line<'a> {
     time: String,
+    seq: u64,
+    prev: String,
     #[serde(flatten)]
     record: &'a AuditRecord,
 }
@@ -237,84 +293,103 @@ struct Line<'a> {
 /// Handle for submitting records; cheap to clone.
 #[derive(Clone, Debug)]
 pub struct AuditLog {
-    tx: mpsc::Sender<AuditRecord>,
+    tx: mpsc::Sender<Pending>,
     dropped: Arc<AtomicU64>,
 }
 
-/// The writer task; [`AuditWriter::shutdown`] flushes everything queued.
+/// The writer task; [`AuditWriter::shutdown`] writes everything queued and a final
+/// checkpoint.
 #[derive(Debug)]
 pub struct AuditWriter {
     done: oneshot::Receiver<()>,
 }
 
 impl AuditLog {
-    /// Opens (creating) the file and starts the writer task.
-    pub async fn open(path: &Path) -> Result<(AuditLog, AuditWriter), AuditError> {
-        let err = |source| AuditError::Open { path: path.to_owned(), source };
-        if let Some(dir) = path.parent() {
-            tokio::fs::create_dir_all(dir).await.map_err(err)?;
-        }
-        let file = tokio::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o640)
-            .open(path)
+    /// Opens the trail at `path` (creating it, continuing its chain, sealing a torn tail)
+    /// and starts the writer task.
+    pub async fn open(path: &Path, opts: TrailOptions) -> Result<(AuditLog, AuditWriter), AuditError> {
+        let owned = path.to_owned();
+        let interval = opts.checkpoint_interval;
+        let trail = tokio::task::spawn_blocking(move || Trail::open(&owned, opts))
             .await
-            .map_err(err)?;
+            .expect("opening the trail does not panic")
+            .map_err(|source| AuditError::Open { path: path.to_owned(), source })?;
         let (tx, rx) = mpsc::channel(QUEUE);
         let dropped = Arc::new(AtomicU64::new(0));
         let (done_tx, done) = oneshot::channel();
-        tokio::spawn(write_loop(file, rx, dropped.clone(), path.to_owned(), done_tx));
+        tokio::spawn(write_loop(trail, rx, dropped.clone(), interval, done_tx));
         Ok((AuditLog { tx, dropped }, AuditWriter { done }))
     }
 
-    /// Queues a record; never blocks. A full queue counts the record as dropped.
+    /// Queues a record; never waits. A full queue counts it as dropped.
     pub fn record(&self, record: AuditRecord) {
-        if self.tx.try_send(record).is_err() {
+        if self.tx.try_send(Pending::Record(record)).is_err() {
             let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
             tracing::warn!(dropped = n, "audit queue full: record dropped");
+        }
+    }
+
+    /// Queues a record and waits until it is on disk (written and fsynced with its
+    /// batch). An error means it is not, and the caller must not act on it.
+    pub async fn record_durable(&self, record: AuditRecord) -> Result<(), AuditUnavailable> {
+        let (ack, done) = oneshot::channel();
+        self.tx
+            .try_send(Pending::Durable(record, ack))
+            .map_err(|_| AuditUnavailable("the audit queue is full".into()))?;
+        match done.await {
+            Ok(result) => result.map_err(AuditUnavailable),
+            Err(_) => Err(AuditUnavailable("the audit writer has stopped".into())),
         }
     }
 }
 
 impl AuditWriter {
-    /// Waits until every record queued before all [`AuditLog`] handles were dropped is
-    /// written and flushed.
+    /// Waits until the writer has written everything and the final checkpoint (call after
+    /// every [`AuditLog`] clone is dropped).
     pub async fn shutdown(self) {
         let _ = self.done.await;
     }
 }
 
+/// Drains the channel batch by batch into the trail (on the blocking pool: writes and
+/// fsyncs block), with a checkpoint at least every `interval` while records flow, and a
+/// retry of refused records at the same pace while the disk refuses them.
 async fn write_loop(
-    file: tokio::fs::File,
-    mut rx: mpsc::Receiver<AuditRecord>,
+    trail: Trail,
+    mut rx: mpsc::Receiver<Pending>,
     dropped: Arc<AtomicU64>,
-    path: PathBuf,
+    interval: std::time::Duration,
     done: oneshot::Sender<()>,
 ) {
-    let mut out = tokio::io::BufWriter::with_capacity(256 * 1024, file);
-    let mut batch = Vec::with_capacity(256);
-    while rx.recv_many(&mut batch, 1024).await > 0 {
-        let lost = dropped.swap(0, Ordering::Relaxed);
-        if lost > 0 {
-            batch.push(AuditRecord::Dropped { count: lost });
-        }
-        let mut buf = Vec::with_capacity(batch.len() * 512);
-        for record in batch.drain(..) {
-            let line = Line { time: now_rfc3339(), record: &record };
-            serde_json::to_writer(&mut buf, &line).expect("audit records always serialize");
-            buf.push(b'\n');
-        }
-        if let Err(e) = async {
-            out.write_all(&buf).await?;
-            out.flush().await
-        }
-        .await
-        {
-            tracing::error!(path = %path.display(), error = %e, "audit write failed");
-        }
+    let mut trail = Some(trail);
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        let mut batch = Vec::with_capacity(256);
+        let timer = tokio::select! {
+            n = rx.recv_many(&mut batch, 4096) => {
+                if n == 0 {
+                    break;
+                }
+                false
+            }
+            _ = tick.tick() => true,
+        };
+        let mut t = trail.take().expect("the trail is back after each batch");
+        t.dropped += dropped.swap(0, Ordering::Relaxed);
+        trail = Some(
+            tokio::task::spawn_blocking(move || {
+                t.commit(batch, timer);
+                t
+            })
+            .await
+            .expect("writing a batch does not panic"),
+        );
     }
-    let _ = out.flush().await;
+    let mut t = trail.take().expect("the trail is back after each batch");
+    t.dropped += dropped.swap(0, Ordering::Relaxed);
+    let _ = tokio::task::spawn_blocking(move || t.close()).await;
     let _ = done.send(());
 }
 

@@ -181,6 +181,22 @@ enum ConfigCommand {
 
 #[derive(Subcommand)]
 enum AuditCommand {
+    /// Check a trail's hash chain, checkpoint signatures and end (default: the configured
+    /// trail with its rotated files). Exit 0 intact (a torn last line from a crash is
+    /// reported, not an error), 2 altered, 1 unreadable.
+    Verify {
+        /// Trail files, oldest first (default: audit.path's rotated files, then audit.path).
+        files: Vec<PathBuf>,
+        /// The broker's trail instead of the daemon's.
+        #[arg(long)]
+        broker: bool,
+        /// The checkpoint public key (default: <state_dir>/audit/checkpoint.pub).
+        #[arg(long)]
+        key: Option<PathBuf>,
+        /// The anchor (default: <state_dir>/audit/head, when checking the configured trail).
+        #[arg(long)]
+        anchor: Option<PathBuf>,
+    },
     /// Print records, optionally only those of one kind or one process.
     Tail {
         /// The audit file.
@@ -192,9 +208,18 @@ enum AuditCommand {
         /// Only records of this agent pid.
         #[arg(long)]
         pid: Option<u32>,
+        /// Only records for this host.
+        #[arg(long)]
+        host: Option<String>,
+        /// Only records with this decision (allow, deny).
+        #[arg(long)]
+        decision: Option<String>,
         /// Only the last N matching records.
         #[arg(long, short = 'n', default_value_t = 20)]
         lines: usize,
+        /// Keep printing records as they are written (until interrupted).
+        #[arg(long, short = 'f')]
+        follow: bool,
     },
 }
 
@@ -297,7 +322,17 @@ fn main() -> ExitCode {
             };
             broker_command(cli.config.as_deref(), Ok(req), false)
         }
-        Command::Audit { command: AuditCommand::Tail { file, kind, pid, lines } } => {
+        Command::Audit { command: AuditCommand::Verify { files, broker, key, anchor } } => {
+            let cfg = match load_config(cli.config.as_deref()) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("wlctl: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            audit_verify(&cfg, files, broker, key, anchor)
+        }
+        Command::Audit { command: AuditCommand::Tail { file, kind, pid, host, decision, lines, follow } } => {
             let f = match std::fs::File::open(&file) {
                 Ok(f) => f,
                 Err(e) => {
@@ -305,26 +340,60 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let mut kept = std::collections::VecDeque::with_capacity(lines);
-            for line in std::io::BufReader::new(f).lines().map_while(Result::ok) {
-                let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
-                    continue;
+            let wanted = |line: &str| {
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+                    return false;
                 };
-                if kind.as_deref().is_some_and(|k| v["kind"] != k) {
-                    continue;
+                kind.as_deref().is_none_or(|k| v["kind"] == k)
+                    && pid.is_none_or(|p| v["agent"]["pid"] == p)
+                    && host.as_deref().is_none_or(|h| v["host"] == h)
+                    && decision.as_deref().is_none_or(|d| v["decision"] == d)
+            };
+            let mut reader = std::io::BufReader::new(f);
+            let mut kept = std::collections::VecDeque::with_capacity(lines);
+            let mut line = String::new();
+            while reader.read_line(&mut line).unwrap_or(0) > 0 && line.ends_with('\n') {
+                if wanted(&line) {
+                    if kept.len() == lines {
+                        kept.pop_front();
+                    }
+                    kept.push_back(line.trim_end().to_owned());
                 }
-                if pid.is_some_and(|p| v["agent"]["pid"] != p) {
-                    continue;
-                }
-                if kept.len() == lines {
-                    kept.pop_front();
-                }
-                kept.push_back(line);
+                line.clear();
             }
-            for line in kept {
-                println!("{line}");
+            for l in kept {
+                println!("{l}");
             }
-            ExitCode::SUCCESS
+            // Follow: complete lines only; a rotation starts the new file from its top.
+            if !follow {
+                return ExitCode::SUCCESS;
+            }
+            loop {
+                match reader.read_line(&mut line) {
+                    Ok(0) => {
+                        std::thread::sleep(std::time::Duration::from_millis(200));
+                        use std::os::unix::fs::MetadataExt;
+                        let ino = |m: std::io::Result<std::fs::Metadata>| m.map(|m| m.ino()).ok();
+                        let rotated = ino(std::fs::metadata(&file)) != ino(reader.get_ref().metadata());
+                        if rotated {
+                            if let Ok(f) = std::fs::File::open(&file) {
+                                reader = std::io::BufReader::new(f);
+                            }
+                        }
+                    }
+                    Ok(_) if line.ends_with('\n') => {
+                        if wanted(&line) {
+                            println!("{}", line.trim_end());
+                        }
+                        line.clear();
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        eprintln!("wlctl: reading `{}`: {e}", file.display());
+                        return ExitCode::FAILURE;
+                    }
+                }
+            }
         }
     }
 }
@@ -442,6 +511,84 @@ fn broker_command(
         BrokerRequest::Issue(_) | BrokerRequest::Redeem { .. } => {}
     }
     ExitCode::SUCCESS
+}
+
+fn audit_verify(
+    cfg: &Config,
+    files: Vec<PathBuf>,
+    broker: bool,
+    key: Option<PathBuf>,
+    anchor: Option<PathBuf>,
+) -> ExitCode {
+    use wl_daemon::audit::{trail, verify};
+    let (path, opts) = if broker {
+        (cfg.broker.audit.clone(), cfg.broker_trail_options())
+    } else {
+        (cfg.audit.path.clone(), cfg.trail_options())
+    };
+    let (_, default_key, default_anchor) = trail::key_paths(&opts.key_dir);
+    let configured = files.is_empty();
+    let files = if configured {
+        let mut all = trail::rotated_files(&path);
+        if path.exists() {
+            all.push(path.clone());
+        }
+        all
+    } else {
+        files
+    };
+    if files.is_empty() {
+        eprintln!("wlctl: no audit trail at `{}`", path.display());
+        return ExitCode::FAILURE;
+    }
+    let key = match verify::read_public_key(&key.unwrap_or(default_key)) {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("wlctl: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let anchor = match anchor.or_else(|| (configured && default_anchor.exists()).then_some(default_anchor)) {
+        Some(p) => match verify::read_anchor(&p) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                eprintln!("wlctl: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
+    let report = verify::verify(&files, &key, anchor);
+    for (seq, bytes) in &report.recovered {
+        println!(
+            "note: the checkpoint at seq {seq} records a torn line of {bytes} bytes cut off after a crash"
+        );
+    }
+    if let Some((file, bytes)) = &report.torn_tail {
+        println!(
+            "note: the last line of {} is incomplete ({bytes} bytes): a crash while writing, not tampering; the next start seals it",
+            file.display()
+        );
+    }
+    match &report.problem {
+        None => {
+            println!(
+                "ok: {} records (seq {}..{}) in {} file(s), {} checkpoints verified{}",
+                report.records,
+                report.first_seq.unwrap_or(0),
+                report.last_seq.unwrap_or(0),
+                files.len(),
+                report.checkpoints,
+                if anchor.is_some() { ", end matches the anchor" } else { "" }
+            );
+            ExitCode::SUCCESS
+        }
+        Some(p) => {
+            println!("ALTERED: {p}");
+            println!("(checked {} records before it)", report.records);
+            ExitCode::from(2)
+        }
+    }
 }
 
 fn load_config(path: Option<&std::path::Path>) -> Result<Config, String> {

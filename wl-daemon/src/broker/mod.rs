@@ -115,7 +115,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let ledger = Ledger::open(&ledger_path, now)
         .with_context(|| format!("cannot open the SCT ledger `{}`", ledger_path.display()))?;
     let policy = load_policy(&config.broker.policy_dir)?;
-    let (audit, audit_writer) = AuditLog::open(&config.broker.audit).await?;
+    let (audit, audit_writer) = AuditLog::open(&config.broker.audit, config.broker_trail_options()).await?;
     let listener = bind(&config.broker.socket)?;
     tracing::info!(
         socket = %config.broker.socket.display(),

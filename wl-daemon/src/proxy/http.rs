@@ -32,7 +32,7 @@ use serde_json::json;
 
 use super::Shared;
 use crate::{
-    audit::{AuditLog, AuditRecord, RequestRecord},
+    audit::{AuditLog, AuditRecord, DecisionRecord, RequestRecord},
     broker::client::CredentialError,
     config::Mode,
     intercept::identity::AgentIdentity,
@@ -276,6 +276,32 @@ async fn handle(mut req: Request<Incoming>, ctx: Arc<ConnContext>) -> Response<P
             let policies = decision.policies.clone();
             discard_rest(body).await;
             return finish_denied(&shared.audit, record, started, msg, policies);
+        }
+    }
+
+    // enforce: the decision is on disk before anything is acted on; a trail that cannot
+    // be written refuses the request (fail closed).
+    if mode == Mode::Enforce && shared.audit_durable {
+        let decision_record = DecisionRecord {
+            conn_id: ctx.conn_id,
+            request_id: request_id.clone(),
+            agent: ctx.agent.clone(),
+            host: host.clone(),
+            method: request_facts.method.clone(),
+            path: request_facts.path.clone(),
+            policy: crate::audit::PolicyOutcome::new(&decision, mode),
+        };
+        if let Err(e) = shared.audit.record_durable(AuditRecord::Decision(Box::new(decision_record))).await {
+            tracing::warn!(request_id, error = %e, "audit trail unavailable: request refused");
+            discard_rest(body).await;
+            return finish_error(
+                &shared.audit,
+                record,
+                started,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "wl_audit_unavailable",
+                format!("the audit trail cannot record this request, so it was not sent: {e}"),
+            );
         }
     }
 

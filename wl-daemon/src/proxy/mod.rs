@@ -89,6 +89,8 @@ pub struct Shared {
     pub policy: Arc<PolicyStore>,
     /// `policy.body_limit`.
     pub body_limit: usize,
+    /// `audit.durable`: in enforce, decisions are fsynced before requests are forwarded.
+    pub audit_durable: bool,
     /// `[[credential]]` bindings and the broker (none configured: `None`).
     pub credentials: Option<credential::Credentials>,
     next_id: AtomicU64,
@@ -119,6 +121,7 @@ impl Shared {
                     .expect("the built-in policies load"),
             ),
             body_limit: 64 * 1024,
+            audit_durable: true,
             credentials: None,
             next_id: AtomicU64::new(1),
         }
