@@ -258,7 +258,11 @@ pub fn run(write: bool) -> anyhow::Result<()> {
     let broker_report = crate::bench_tls::broker_round_trip()?;
     println!("{broker_report}");
 
-    // 5. TLS interception against direct and nginx, and leaf minting.
+    // 5. The audit trail.
+    let audit_report = crate::bench_tls::audit_trail()?;
+    println!("{audit_report}");
+
+    // 6. TLS interception against direct and nginx, and leaf minting.
     let mint = crate::bench_tls::leaf_mint()?;
     let scratch = crate::bench_tls::scratch()?;
     let tls = crate::bench_tls::run(&scratch, &hooked.dir, &hooked.name);
@@ -270,7 +274,7 @@ pub fn run(write: bool) -> anyhow::Result<()> {
         let path = workspace_root().join("BENCHMARKS.md");
         let header = "# Benchmarks\n\nNumbers from `cargo xtask bench` on this project's machines; every comparison is \
                       measured in the same run on the same machine, alternating the sides.\n\n";
-        std::fs::write(&path, format!("{header}{report}\n{tls_report}\n{policy_report}\n{broker_report}"))?;
+        std::fs::write(&path, format!("{header}{report}\n{tls_report}\n{policy_report}\n{broker_report}\n{audit_report}"))?;
         eprintln!("xtask bench: wrote {}", path.display());
     }
     Ok(())

@@ -21,6 +21,9 @@ const CONNECTIONS: u32 = 32;
 const HOST: &str = "api.openai.com";
 /// A second name of the same upstream, with a `[[credential]]`: the same path plus injection.
 const CRED_HOST: &str = "api.anthropic.com";
+/// A third name of the same upstream, in `enforce` (per-host mode): every request's
+/// decision is fsynced before it is forwarded.
+const ENFORCE_HOST: &str = "api.mistral.ai";
 const UPSTREAM_IP: &str = "127.0.2.1";
 const NGINX_PROXY_IP: &str = "127.0.2.2";
 
@@ -83,7 +86,7 @@ fn pki(dir: &Path) -> anyhow::Result<()> {
          -keyout root.key -out root.pem 2>/dev/null && \
          openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj /CN={HOST} \
          -keyout api.key -out api.csr 2>/dev/null && \
-         printf 'subjectAltName=DNS:{HOST},DNS:{CRED_HOST}\\n' > ext && \
+         printf 'subjectAltName=DNS:{HOST},DNS:{CRED_HOST},DNS:{ENFORCE_HOST}\\n' > ext && \
          openssl x509 -req -in api.csr -CA root.pem -CAkey root.key -CAcreateserial -days 2 -extfile ext \
          -out api.pem 2>/dev/null"
     ))
@@ -196,6 +199,7 @@ pub fn run(dir: &Path, cgroup_dir: &Path, cgroup_name: &str) -> anyhow::Result<R
         format!(
             "state_dir = {state:?}\n[intercept]\ncgroups = [{cgroup_name:?}]\nports = [443]\nlisten = [\"127.0.0.1:0\"]\n\
              [audit]\npath = {audit:?}\n[tls]\nupstream_extra_roots = [{root:?}]\n\
+             [policy]\nhost_modes = {{ {ENFORCE_HOST:?} = \"enforce\" }}\n\
              [broker]\nsocket = {socket:?}\naudit = {broker_audit:?}\npolicy_dir = {none:?}\n\
              [[credential]]\nhost = {CRED_HOST:?}\nsecret = \"bench\"\nheader = \"x-api-key\"\nformat = \"{{secret}}\"\n",
             socket = dir.join("broker.sock").display().to_string(),
@@ -264,11 +268,12 @@ pub fn run(dir: &Path, cgroup_dir: &Path, cgroup_name: &str) -> anyhow::Result<R
         std::thread::sleep(Duration::from_millis(50));
     }
 
-    let systems: [(&'static str, &str, &str, bool); 4] = [
+    let systems: [(&'static str, &str, &str, bool); 5] = [
         ("direct", UPSTREAM_IP, HOST, false),
         ("nginx proxy", NGINX_PROXY_IP, HOST, false),
         ("wl transparent", UPSTREAM_IP, HOST, true),
         ("wl transparent + credential", UPSTREAM_IP, CRED_HOST, true),
+        ("wl transparent, enforce (durable decisions)", UPSTREAM_IP, ENFORCE_HOST, true),
     ];
     let scenarios: [(u32, bool); 3] = [(CONNECTIONS, false), (1, false), (1, true)];
     let mut samples: Vec<[Vec<Wrk>; 3]> =
@@ -326,6 +331,7 @@ pub fn report(r: &Results, mint: &str) -> String {
     let (_, n_ka, _, _) = find("nginx proxy");
     let (_, w_ka, w_one, w_new) = find("wl transparent");
     let (_, c_ka, c_one, _) = find("wl transparent + credential");
+    let (_, e_ka, e_one, _) = find("wl transparent, enforce (durable decisions)");
     let mut s = format!(
         "## TLS interception: wl transparent vs direct vs nginx\n\n\
          Command: `cargo xtask bench`. Upstream: nginx 1.22 over TLS (HTTP/1.1 to wrk) returning a 1.2 KB JSON \
@@ -334,7 +340,9 @@ pub fn report(r: &Results, mint: &str) -> String {
          re-origination, and the audit trail on; nginx proxy terminates TLS and re-originates verified TLS with \
          upstream keep-alive. \"+ credential\": the same upstream under a second name with a \
          `[[credential]]`, so every request also gets an SCT issued and redeemed by the broker (a separate \
-         process, on CPU 1 too) and the key injected.\n\n\
+         process, on CPU 1 too) and the key injected. \"enforce (durable decisions)\": a third name in \
+         `enforce`, so every request's decision is written and fdatasync'ed (group commit) before it is \
+         forwarded; the other wl rows are `observe`, whose records are written asynchronously.\n\n\
          | system | keep-alive req/s ({CONNECTIONS} conns) | p50 ms | p99 ms | 1 keep-alive connection p50 ms | new connection per request (1 at a time) p50 ms | req/s |\n\
          |---|---|---|---|---|---|---|\n"
     );
@@ -356,6 +364,8 @@ pub fn report(r: &Results, mint: &str) -> String {
          | new connection: < 1 ms added | {:+.3} ms at p50 (TLS handshake with wl, leaf cached, upstream pooled) | {} |\n\
          \nCredential injection, whole path: keep-alive throughput {:.0}% of wl without a credential; one \
          keep-alive connection {:+.3} ms at p50.\n\
+         \nDurable decisions (enforce) vs asynchronous records (observe): keep-alive throughput {:.0}%; one \
+         keep-alive connection {:+.3} ms at p50.\n\
          \nLeaf minting (`cargo bench -p wl-daemon --bench tls`): {mint}.\n",
         vs_nginx * 100.0,
         met(vs_nginx >= 0.9),
@@ -367,6 +377,8 @@ pub fn report(r: &Results, mint: &str) -> String {
         met(new_added < 1.0),
         c_ka.rps / w_ka.rps * 100.0,
         c_one.p50 - w_one.p50,
+        e_ka.rps / w_ka.rps * 100.0,
+        e_one.p50 - w_one.p50,
     ));
     s
 }
@@ -468,6 +480,37 @@ pub fn broker_round_trip() -> anyhow::Result<String> {
         ));
     }
     Ok(s)
+}
+
+/// Runs the audit trail benchmark and returns its Markdown section.
+pub fn audit_trail() -> anyhow::Result<String> {
+    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(workspace_root())
+        .args(["bench", "-q", "-p", "wl-daemon", "--bench", "audit"])
+        .stderr(Stdio::inherit())
+        .output()?;
+    if !out.status.success() {
+        bail!("audit bench failed");
+    }
+    let v: serde_json::Value = serde_json::from_str(String::from_utf8(out.stdout)?.lines().last().unwrap_or("{}"))?;
+    let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    Ok(format!(
+        "## Audit trail: appends and verification
+
+         Command: `cargo bench -p wl-daemon --bench audit` (run by `cargo xtask bench`), trail in /var/tmp          (the machine's disk). Durable: 256 concurrent submitters for 3 s, each waiting until its record is          written and fdatasync'ed with its batch (group commit), as enforce does per request. Writer: batches of          1,024 request-sized records through the hash chain. Verify: `wlctl audit verify`'s check of an          untouched trail of 100,000 records with its checkpoints and anchor.
+
+         | measurement | result | target | |
+|---|---|---|---|
+         | durable appends, group commit | {:.0} records/s | ≥ 50,000 records/s | {} |
+         | writer capacity (chain, no per-batch fsync) | {:.0} records/s | | |
+         | verify 100,000 records | {:.2} s | < 2 s | {} |
+",
+        f("durable_records_per_s"),
+        met(f("durable_records_per_s") >= 50_000.0),
+        f("writer_records_per_s"),
+        f("verify_100k_s"),
+        met(f("verify_100k_s") < 2.0),
+    ))
 }
 
 /// Runs the Cedar evaluation micro-benchmark and returns its Markdown section.
