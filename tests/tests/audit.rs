@@ -239,3 +239,69 @@ fn kill_9_under_load_keeps_every_answered_request_and_the_trail_verifies() {
     let (code, text) = wlctl(&home, &["audit", "verify"]);
     assert_eq!(code, 0, "{text}");
 }
+
+#[test]
+fn metrics_pass_promtool_and_count_what_happened() {
+    let agents = TestCgroup::new("metrics");
+    let home = DaemonHome::new();
+    let dir = home.dir.path();
+    let root = TestRoot::new(dir);
+    let _api = FakeApi::start(dir, "127.0.1.35", &root.server_cert("api", &[API], false));
+    home.write_policy(
+        "wl.cedar",
+        "@id(\"allow-all\")\npermit(principal, action, resource);\n@id(\"no-secret-path\")\nforbid(principal, action, resource) when { context has path && context.path == \"/v1/secret\" };\n",
+    );
+    let port = wl_e2e::free_port("127.0.0.1");
+    let mut cfg = config(&agents, &root);
+    cfg.extra.push_str(&format!("\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n"));
+    let daemon = Daemon::start(&home, &cfg);
+    let view = AgentView::new(dir, &[(API, "127.0.1.35")], &[&dir.join("state/ca/beacon-ca.pem")]);
+    let paths: Vec<String> = ["/v1/models", "/v1/models", "/v1/models", "/v1/secret", "/v1/secret"]
+        .iter()
+        .map(|p| p.to_string())
+        .collect();
+    assert_eq!(curl(&view, &agents, &paths), ["200", "200", "200", "403", "403"]);
+
+    // Request records (and so the counters) are final when each response ends.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let text = loop {
+        let out =
+            Command::new("curl").args(["-sS", &format!("http://127.0.0.1:{port}/metrics")]).output().unwrap();
+        let text = String::from_utf8(out.stdout).unwrap();
+        if text.contains("decision=\"deny\",mode=\"enforce\",status=\"4xx\"} 2") {
+            break text;
+        }
+        assert!(std::time::Instant::now() < deadline, "counters never reached the requests made:\n{text}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(
+        text.contains(
+            "wl_requests_total{host=\"api.openai.com\",decision=\"allow\",mode=\"enforce\",status=\"2xx\"} 3"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("wl_leaf_mints_total 1"), "{text}");
+    assert!(text.contains("wl_stage_duration_seconds_count{stage=\"policy\"} 5"), "{text}");
+
+    let mut check = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut check.stdin.take().unwrap(), text.as_bytes()).unwrap();
+    let out = check.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let (code, status) = wlctl(&home, &["status"]);
+    assert_eq!(code, 0, "{status}");
+    assert!(status.contains("\"allow\":3") && status.contains("\"deny\":2"), "{status}");
+    // Metrics hold nothing that keeps the daemon from shutting down cleanly.
+    daemon.stop_ok();
+}

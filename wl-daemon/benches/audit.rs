@@ -4,6 +4,7 @@
 //! - writer capacity: batches of 1,024 request-sized records through the chain, no fsync
 //!   but the periodic checkpoints';
 //! - `verify` of an untouched trail of 100,000 records.
+//!
 //! Prints one JSON object.
 
 use std::{sync::Arc, time::Instant};
@@ -55,12 +56,14 @@ fn options(dir: &std::path::Path) -> TrailOptions {
 }
 
 fn main() {
-    let dir = tempfile::tempdir_in(std::env::var_os("WL_BENCH_DIR").unwrap_or_else(|| "/var/tmp".into())).unwrap();
+    let dir =
+        tempfile::tempdir_in(std::env::var_os("WL_BENCH_DIR").unwrap_or_else(|| "/var/tmp".into())).unwrap();
 
     // Durable appends with group commit.
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let durable_per_s = rt.block_on(async {
-        let (log, writer) = AuditLog::open(&dir.path().join("durable.jsonl"), options(dir.path())).await.unwrap();
+        let (log, writer) =
+            AuditLog::open(&dir.path().join("durable.jsonl"), options(dir.path())).await.unwrap();
         let log = Arc::new(log);
         let stop = Instant::now() + std::time::Duration::from_secs(3);
         let mut tasks = Vec::new();
@@ -89,7 +92,8 @@ fn main() {
     // Writer capacity and verification.
     let path = dir.path().join("capacity.jsonl");
     let keys = dir.path().join("capacity-keys");
-    let mut trail = Trail::open(&path, TrailOptions { key_dir: keys.clone(), ..options(dir.path()) }).unwrap();
+    let mut trail =
+        Trail::open(&path, TrailOptions { key_dir: keys.clone(), ..options(dir.path()) }).unwrap();
     let n = 100_000u64;
     let started = Instant::now();
     for b in 0..n / 1024 + 1 {

@@ -101,6 +101,13 @@ async fn handle(stream: UnixStream, state: &AdminState) -> std::io::Result<()> {
                 "cgroups": state.cgroups,
                 "listeners": state.listeners,
                 "uptime_s": state.started.elapsed().as_secs(),
+                "requests": crate::metrics::METRICS.requests_by_decision(),
+                "audit": {
+                    "records": crate::metrics::METRICS.audit_records.load(std::sync::atomic::Ordering::Relaxed),
+                    "dropped": crate::metrics::METRICS.audit_dropped.load(std::sync::atomic::Ordering::Relaxed),
+                    "write_errors": crate::metrics::METRICS.audit_write_errors.load(std::sync::atomic::Ordering::Relaxed),
+                    "waiting_for_disk": crate::metrics::METRICS.audit_retained.load(std::sync::atomic::Ordering::Relaxed),
+                },
             })
         }
         Ok(AdminRequest::Mode { mode }) => {

@@ -89,6 +89,18 @@ pub struct Config {
     /// Credentials injected into requests to a host (`[[credential]]`).
     #[serde(default)]
     pub credential: Vec<CredentialConfig>,
+    /// Prometheus metrics.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`: where `GET /metrics` is served.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// A loopback address (`127.0.0.1:9464`); no metrics endpoint when absent.
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
 }
 
 /// `[broker]`: the secrets broker process and the proxy's connection to it.
@@ -580,6 +592,13 @@ impl Config {
         }
         if self.audit.rotate_bytes < 4096 {
             return Err(format!("audit.rotate_bytes is {}: give at least 4096", self.audit.rotate_bytes));
+        }
+        if let Some(addr) = self.metrics.listen {
+            if !addr.ip().is_loopback() {
+                return Err(format!(
+                    "metrics.listen `{addr}` is not a loopback address: metrics stay on this host (scrape through a local agent or an SSH tunnel)"
+                ));
+            }
         }
         let ic = &self.intercept;
         if ic.cgroups.is_empty() {

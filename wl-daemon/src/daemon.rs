@@ -77,7 +77,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(source = %policy.current().source, policies = policy.current().count, "policies loaded");
 
     let admin_listener = admin::bind(&config.admin_socket)?;
+    let metrics_listener = match config.metrics.listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on metrics.listen `{addr}`"))?,
+        ),
+        None => None,
+    };
     let (audit, audit_writer) = AuditLog::open(&config.audit.path, config.trail_options()).await?;
+    crate::metrics::METRICS.watch_leaf_cache(leaves.clone());
     let interceptor = Interceptor::start(&config.intercept, &mount, &bound)?;
     let attached = interceptor.attached().to_vec();
 
@@ -144,6 +153,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
 
     let watcher = tokio::spawn(policy::watch(policy.clone(), POLICY_POLL));
+    let metrics_task = metrics_listener.map(|l| tokio::spawn(crate::metrics::serve(l)));
     let admin_task = tokio::spawn(admin::serve(
         admin_listener,
         Arc::new(admin::AdminState {
@@ -162,6 +172,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     watcher.abort();
     admin_task.abort();
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
     let _ = std::fs::remove_file(&config.admin_socket);
 
     // Stop accepting, give open connections a moment, then cut them (each still writes

@@ -11,6 +11,7 @@ pub mod broker;
 pub mod config;
 pub mod daemon;
 pub mod intercept;
+pub mod metrics;
 pub mod policy;
 pub mod proxy;
 pub mod tls;

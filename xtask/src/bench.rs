@@ -274,7 +274,10 @@ pub fn run(write: bool) -> anyhow::Result<()> {
         let path = workspace_root().join("BENCHMARKS.md");
         let header = "# Benchmarks\n\nNumbers from `cargo xtask bench` on this project's machines; every comparison is \
                       measured in the same run on the same machine, alternating the sides.\n\n";
-        std::fs::write(&path, format!("{header}{report}\n{tls_report}\n{policy_report}\n{broker_report}\n{audit_report}"))?;
+        std::fs::write(
+            &path,
+            format!("{header}{report}\n{tls_report}\n{policy_report}\n{broker_report}\n{audit_report}"),
+        )?;
         eprintln!("xtask bench: wrote {}", path.display());
     }
     Ok(())

@@ -492,7 +492,8 @@ pub fn audit_trail() -> anyhow::Result<String> {
     if !out.status.success() {
         bail!("audit bench failed");
     }
-    let v: serde_json::Value = serde_json::from_str(String::from_utf8(out.stdout)?.lines().last().unwrap_or("{}"))?;
+    let v: serde_json::Value =
+        serde_json::from_str(String::from_utf8(out.stdout)?.lines().last().unwrap_or("{}"))?;
     let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
     Ok(format!(
         "## Audit trail: appends and verification

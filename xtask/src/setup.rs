@@ -121,7 +121,7 @@ fn bpf_linker(cache: &Path) -> anyhow::Result<()> {
 
 /// Tools the end-to-end tests run: curl, openssl (test certificates), ss (which process owns
 /// a socket), setpriv and unshare (unprivileged and namespaced agents), node (fetch),
-/// bpftool (what is attached to a cgroup).
+/// bpftool (what is attached to a cgroup), promtool (checks the metrics endpoint).
 fn debian_packages() -> anyhow::Result<()> {
     let wanted = [
         ("curl", "curl"),
@@ -132,6 +132,7 @@ fn debian_packages() -> anyhow::Result<()> {
         ("node", "nodejs"),
         ("python3", "python3"),
         ("bpftool", "bpftool"),
+        ("promtool", "prometheus"),
     ];
     let mut missing: Vec<&str> = wanted
         .iter()
@@ -143,13 +144,29 @@ fn debian_packages() -> anyhow::Result<()> {
         return Ok(());
     }
     say("packages", &format!("installing {} with apt-get (used by the end-to-end tests)", missing.join(" ")));
-    run_cmd(Command::new("apt-get").args(["update", "-q"]))?;
-    run_cmd(
-        Command::new("apt-get")
-            .args(["install", "-y", "-q"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
+    // Packages must not start services on this machine (prometheus ships one): a
+    // policy-rc.d that says no, for the time of the install.
+    let policy = Path::new("/usr/sbin/policy-rc.d");
+    let placed = !policy.exists();
+    if placed {
+        std::fs::write(
+            policy,
+            "#!/bin/sh\n# placed by cargo xtask setup for the time of an install\nexit 101\n",
+        )?;
+        std::fs::set_permissions(policy, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    }
+    let result = run_cmd(Command::new("apt-get").args(["update", "-q"])).and_then(|()| {
+        run_cmd(
+            Command::new("apt-get")
+                .args(["install", "-y", "-q"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )
+    });
+    if placed {
+        let _ = std::fs::remove_file(policy);
+    }
+    result
 }
 
 /// A virtualenv with the Python clients agents use (`requests`, the official `openai` SDK,

@@ -25,6 +25,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
 use self::trail::{Pending, Trail, TrailOptions};
+use crate::metrics::METRICS;
 
 use crate::{config::Mode, intercept::identity::AgentIdentity};
 
@@ -323,7 +324,11 @@ impl AuditLog {
 
     /// Queues a record; never waits. A full queue counts it as dropped.
     pub fn record(&self, record: AuditRecord) {
-        if self.tx.try_send(Pending::Record(record)).is_err() {
+        METRICS.audit_records.fetch_add(1, Ordering::Relaxed);
+        if self.tx.try_send(Pending::Record(record)).is_ok() {
+            METRICS.audit_queued.fetch_add(1, Ordering::Relaxed);
+        } else {
+            METRICS.audit_dropped.fetch_add(1, Ordering::Relaxed);
             let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
             tracing::warn!(dropped = n, "audit queue full: record dropped");
         }
@@ -333,9 +338,11 @@ impl AuditLog {
     /// batch). An error means it is not, and the caller must not act on it.
     pub async fn record_durable(&self, record: AuditRecord) -> Result<(), AuditUnavailable> {
         let (ack, done) = oneshot::channel();
+        METRICS.audit_records.fetch_add(1, Ordering::Relaxed);
         self.tx
             .try_send(Pending::Durable(record, ack))
             .map_err(|_| AuditUnavailable("the audit queue is full".into()))?;
+        METRICS.audit_queued.fetch_add(1, Ordering::Relaxed);
         match done.await {
             Ok(result) => result.map_err(AuditUnavailable),
             Err(_) => Err(AuditUnavailable("the audit writer has stopped".into())),
@@ -372,6 +379,7 @@ async fn write_loop(
                 if n == 0 {
                     break;
                 }
+                METRICS.audit_queued.fetch_sub(n as u64, Ordering::Relaxed);
                 false
             }
             _ = tick.tick() => true,
@@ -380,7 +388,9 @@ async fn write_loop(
         t.dropped += dropped.swap(0, Ordering::Relaxed);
         trail = Some(
             tokio::task::spawn_blocking(move || {
+                let started = std::time::Instant::now();
                 t.commit(batch, timer);
+                METRICS.audit_batch_seconds.observe(started.elapsed());
                 t
             })
             .await

@@ -29,6 +29,8 @@ use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
 use super::{AuditRecord, Checkpoint, Line};
+use crate::metrics::METRICS;
+use std::sync::atomic::Ordering;
 
 /// What a checkpoint signs: this prefix, then `seq` (u64, big-endian), then the previous
 /// line's hash (32 bytes).
@@ -393,6 +395,7 @@ impl Trail {
                 }
             }
             Err(e) => {
+                METRICS.audit_write_errors.fetch_add(1, Ordering::Relaxed);
                 self.seq = seq;
                 self.head = head;
                 self.since_checkpoint -= records.len() as u64;
@@ -419,10 +422,12 @@ impl Trail {
                         self.retained.push_back(r);
                     } else {
                         self.dropped += 1;
+                        METRICS.audit_dropped.fetch_add(1, Ordering::Relaxed);
                     }
                 }
             }
         }
+        METRICS.audit_retained.store(self.retained.len() as u64, Ordering::Relaxed);
     }
 
     /// Seals the active file with a checkpoint, renames it `PATH.<first seq>`, and starts

@@ -242,6 +242,14 @@ fn main() -> ExitCode {
                 );
                 println!("cgroups:   {}", v["cgroups"]);
                 println!("listeners: {}", v["listeners"]);
+                println!("requests:  {}", v["requests"]);
+                println!(
+                    "audit:     {} records, {} dropped, {} write errors, {} waiting for the disk",
+                    v["audit"]["records"],
+                    v["audit"]["dropped"],
+                    v["audit"]["write_errors"],
+                    v["audit"]["waiting_for_disk"]
+                );
             }
         }),
         Command::Mode { mode: None } => admin(cli.config.as_deref(), AdminRequest::Status, |v| {

@@ -138,10 +138,13 @@ impl BrokerClient {
             }
             Ok((value, jti))
         };
-        match tokio::time::timeout(self.timeout, work).await {
+        let started = std::time::Instant::now();
+        let result = match tokio::time::timeout(self.timeout, work).await {
             Ok(result) => result,
             Err(_) => Err(unavailable(format!("no answer within {:?}", self.timeout))),
-        }
+        };
+        crate::metrics::METRICS.broker_seconds.observe(started.elapsed());
+        result
     }
 }
 

@@ -36,6 +36,7 @@ use crate::{
     broker::client::CredentialError,
     config::Mode,
     intercept::identity::AgentIdentity,
+    metrics::METRICS,
     policy::{
         facts::{self, BodyFacts, HeaderFacts, RequestFacts},
         AgentEntities, Decision,
@@ -265,8 +266,10 @@ async fn handle(mut req: Request<Incoming>, ctx: Arc<ConnContext>) -> Response<P
         hour,
         weekday,
     };
+    let deciding = Instant::now();
     let entities = ctx.entities(&host);
     let decision = shared.policy.current().decide_request(&entities, &request_facts);
+    METRICS.policy_seconds.observe(deciding.elapsed());
     let mode = shared.policy.mode_for(&host);
     record.policy = crate::audit::PolicyOutcome::new(&decision, mode);
     if !decision.allow {
@@ -330,11 +333,13 @@ async fn handle(mut req: Request<Incoming>, ctx: Arc<ConnContext>) -> Response<P
         };
         match injected {
             Ok(injected) => {
+                METRICS.credential("injected");
                 record.credential = Some("injected");
                 record.jti = Some(injected.jti);
                 redactor = Some(injected.redactor);
             }
             Err(e) => {
+                METRICS.credential(e.code());
                 record.credential = Some("missing");
                 record.credential_error = Some(e.code().to_owned());
                 tracing::warn!(request_id, host = %host, secret = %binding.secret, error = %e, ?mode, "no credential for the request");
@@ -362,11 +367,13 @@ async fn handle(mut req: Request<Incoming>, ctx: Arc<ConnContext>) -> Response<P
     let upstream_req = Request::from_parts(parts, body);
 
     let pools = ctx.shared.upstreams.pools(&host, port, ctx.dst);
+    let sending = Instant::now();
     let result = match (ctx.scheme, upgrade) {
         (Scheme::Https, false) => pools.tls.request(upstream_req).await,
         (Scheme::Https, true) => pools.tls_h1.request(upstream_req).await,
         (Scheme::Http, _) => pools.plain.request(upstream_req).await,
     };
+    METRICS.upstream_seconds.observe(sending.elapsed());
     let mut resp = match result {
         Ok(r) => r,
         Err(e) => {
@@ -442,6 +449,16 @@ async fn handle(mut req: Request<Incoming>, ctx: Arc<ConnContext>) -> Response<P
     }
     let body = Audited::new(body, ctx.shared.audit.clone(), record, started, up_counter);
     Response::from_parts(parts, body.boxed())
+}
+
+/// Adds a finished request to the metrics.
+fn count_request(record: &RequestRecord, started: Instant) {
+    let mode = record.policy.mode.map(|m| match m {
+        Mode::Observe => "observe",
+        Mode::Enforce => "enforce",
+    });
+    METRICS.request(&record.host, record.policy.decision, mode, record.status);
+    METRICS.request_seconds.observe(started.elapsed());
 }
 
 /// Responses scanned whole for an echoed credential: at most this many bytes.
@@ -551,6 +568,7 @@ fn finish_denied(
         .body(Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed())
         .expect("static response parts are valid");
     record.error = Some(message);
+    count_request(&record, started);
     audit.record(AuditRecord::Request(Box::new(record)));
     resp
 }
@@ -671,6 +689,7 @@ fn finish_error(
     record.duration_ms = started.elapsed().as_millis() as u64;
     let resp = json_error(status, kind, &message, &record.request_id);
     record.error = Some(message);
+    count_request(&record, started);
     audit.record(AuditRecord::Request(Box::new(record)));
     resp
 }
@@ -738,6 +757,7 @@ impl Audited {
             record.bytes_up = up.load(Ordering::Relaxed);
             record.duration_ms = started.elapsed().as_millis() as u64;
             record.error = error;
+            count_request(&record, started);
             audit.record(AuditRecord::Request(Box::new(record)));
         }
     }

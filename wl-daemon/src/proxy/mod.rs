@@ -340,6 +340,7 @@ async fn splice_to(agent: TcpStream, dst: SocketAddr, record: &mut ConnectionRec
 /// Writes the connection's audit record.
 pub fn finish(shared: &Shared, mut record: ConnectionRecord, started: Instant) {
     record.duration_ms = started.elapsed().as_millis() as u64;
+    crate::metrics::METRICS.connection(record.action);
     if let Some(e) = &record.error {
         tracing::debug!(conn_id = record.conn_id, error = %e, "connection ended with an error");
     }

@@ -59,6 +59,16 @@ impl LeafCache {
         &self.ca
     }
 
+    /// How many names have a cached leaf.
+    pub fn len(&self) -> usize {
+        self.entries.lock().expect("leaf cache poisoned").0.len()
+    }
+
+    /// Whether none has.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// How many leaves have been minted (for metrics and tests).
     pub fn mints(&self) -> u64 {
         self.mints.load(Ordering::Relaxed)
@@ -93,6 +103,7 @@ impl LeafCache {
         let key = cell
             .get_or_try_init(|| async {
                 self.mints.fetch_add(1, Ordering::Relaxed);
+                crate::metrics::METRICS.leaf_mints.fetch_add(1, Ordering::Relaxed);
                 self.ca.mint(name, self.validity).map(Arc::new)
             })
             .await?;
