@@ -39,12 +39,10 @@ fn main() -> ExitCode {
     // Before any thread exists (see the function's docs).
     wl_daemon::policy::facts::init_local_offset();
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("WL_LOG").unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging(match cli.command {
+        Command::Run { .. } => "wl-daemon",
+        Command::Broker { .. } => "wl-broker",
+    });
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -81,6 +79,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             runtime.block_on(wl_daemon::broker::run(config))
         }
     }
+}
+
+/// Logs to the journal, with each event's fields as journal fields (`REQUEST_ID`, `HOST`,
+/// ...), when systemd connected our output to it (`JOURNAL_STREAM`); to stderr otherwise.
+fn init_logging(identifier: &str) {
+    use tracing_subscriber::{layer::SubscriberExt, util::SubscriberInitExt};
+    let filter = || tracing_subscriber::EnvFilter::try_from_env("WL_LOG").unwrap_or_else(|_| "info".into());
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        if let Ok(journal) = tracing_journald::layer() {
+            tracing_subscriber::registry()
+                .with(filter())
+                .with(journal.with_syslog_identifier(identifier.to_owned()))
+                .init();
+            return;
+        }
+    }
+    tracing_subscriber::fmt().with_env_filter(filter()).with_writer(std::io::stderr).init();
 }
 
 /// An error and its causes on one line, without repeating a cause its parent already shows.
