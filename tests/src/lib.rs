@@ -177,7 +177,7 @@ impl DaemonConfig {
         format!(
             "mode = {mode:?}\nstate_dir = {state:?}\nadmin_socket = {admin:?}\n\n[intercept]\ncgroups = [{cgroups}]\nports = [{ports}]\n\
              listen = [{listen}]\nexclude = [{exclude}]\nblock_quic = {quic}\nfail = {fail:?}\npin_dir = {pin:?}\n\n\
-             [audit]\npath = {audit:?}\n\n[broker]\n{broker_socket}audit = {broker_audit:?}\n\
+             [audit]\npath = {audit:?}\n\n[broker]\n{broker_socket}state_dir = {broker_state:?}\naudit = {broker_audit:?}\n\
              policy_dir = {broker_policies:?}\n{broker}\n\n[policy]\ndir = {policies:?}\n{policy}\n{extra}\n",
             mode = self.mode,
             state = dir.join("state").display().to_string(),
@@ -197,6 +197,7 @@ impl DaemonConfig {
                 format!("socket = {:?}\n", dir.join("broker.sock").display().to_string())
             },
             broker_audit = dir.join("broker-audit.jsonl").display().to_string(),
+            broker_state = dir.join("state/broker").display().to_string(),
             broker_policies = dir.join("broker-policies").display().to_string(),
             broker = self.broker,
             policy = self.policy,
@@ -326,7 +327,13 @@ impl Daemon {
     /// Starts the secrets broker (`wl-daemon broker`) with `cfg` in `home` and waits until
     /// it reports ready. The same type: it is a process of ours with a log, stopped on drop.
     pub fn start_broker(home: &DaemonHome, cfg: &DaemonConfig) -> Self {
-        Self::spawn(home, cfg, Command::new(bin("wl-daemon")), "broker", "wl-broker ready")
+        Self::start_broker_cmd(home, cfg, Command::new(bin("wl-daemon")))
+    }
+
+    /// Like [`Daemon::start_broker`], with `cmd` as the command line (as in
+    /// [`Daemon::start_cmd`]).
+    pub fn start_broker_cmd(home: &DaemonHome, cfg: &DaemonConfig, cmd: Command) -> Self {
+        Self::spawn(home, cfg, cmd, "broker", "wl-broker ready")
     }
 
     fn spawn(

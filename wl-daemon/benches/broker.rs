@@ -37,8 +37,9 @@ fn start(dir: &Path) -> Broker {
     std::fs::write(
         &config,
         format!(
-            "state_dir = {:?}\n[broker]\nsocket = {:?}\naudit = {:?}\npolicy_dir = {:?}\n",
+            "state_dir = {:?}\n[broker]\nstate_dir = {:?}\nsocket = {:?}\naudit = {:?}\npolicy_dir = {:?}\n",
             dir.join("state").display().to_string(),
+            dir.join("state/broker").display().to_string(),
             dir.join("broker.sock").display().to_string(),
             dir.join("broker-audit.jsonl").display().to_string(),
             dir.join("none").display().to_string(),

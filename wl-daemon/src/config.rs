@@ -110,10 +110,10 @@ pub struct BrokerConfig {
     /// The broker's Unix socket.
     #[serde(default = "default_broker_socket")]
     pub socket: PathBuf,
-    /// Where the broker keeps the sealed store, its keys and the SCT ledger; default
-    /// `<state_dir>/broker`.
-    #[serde(default)]
-    pub state_dir: Option<PathBuf>,
+    /// Where the broker keeps the sealed store, its keys and the SCT ledger (its own
+    /// directory: the broker runs as its own user).
+    #[serde(default = "default_broker_state_dir")]
+    pub state_dir: PathBuf,
     /// uids that may obtain secrets (the proxy's user); the broker's own uid always may.
     #[serde(default = "default_uids")]
     pub client_uids: Vec<u32>,
@@ -135,6 +135,9 @@ pub struct BrokerConfig {
     pub timeout: Duration,
 }
 
+fn default_broker_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/wl-broker")
+}
 fn default_broker_socket() -> PathBuf {
     PathBuf::from("/run/wl-broker/broker.sock")
 }
@@ -148,7 +151,7 @@ fn default_token_ttl() -> Duration {
     Duration::from_secs(30)
 }
 fn default_broker_audit() -> PathBuf {
-    PathBuf::from("/var/log/wl/broker-audit.jsonl")
+    PathBuf::from("/var/log/wl-broker/audit.jsonl")
 }
 fn default_broker_timeout() -> Duration {
     Duration::from_secs(2)
@@ -158,7 +161,7 @@ impl Default for BrokerConfig {
     fn default() -> Self {
         Self {
             socket: default_broker_socket(),
-            state_dir: None,
+            state_dir: default_broker_state_dir(),
             client_uids: default_uids(),
             admin_uids: default_uids(),
             policy_dir: default_broker_policy_dir(),
@@ -172,7 +175,7 @@ impl Default for BrokerConfig {
 impl Config {
     /// The broker's state directory.
     pub fn broker_state_dir(&self) -> PathBuf {
-        self.broker.state_dir.clone().unwrap_or_else(|| self.state_dir.join("broker"))
+        self.broker.state_dir.clone()
     }
 }
 

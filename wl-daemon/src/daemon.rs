@@ -151,6 +151,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         listeners = ?bound, cgroups = ?attached, mode = ?config.mode, fail = ?config.intercept.fail,
         "wl-daemon ready"
     );
+    crate::service::ready();
+    let watchdog = crate::service::watchdog();
 
     let watcher = tokio::spawn(policy::watch(policy.clone(), POLICY_POLL));
     let metrics_task = metrics_listener.map(|l| tokio::spawn(crate::metrics::serve(l)));
@@ -167,8 +169,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break }
             _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break }
-            _ = hup.recv() => policy::reload_and_log(&policy, "SIGHUP"),
+            _ = hup.recv() => {
+                crate::service::reloading();
+                policy::reload_and_log(&policy, "SIGHUP");
+                crate::service::ready();
+            }
         }
+    }
+    crate::service::stopping();
+    if let Some(w) = watchdog {
+        w.abort();
     }
     watcher.abort();
     admin_task.abort();

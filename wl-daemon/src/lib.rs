@@ -14,4 +14,5 @@ pub mod intercept;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
+pub mod service;
 pub mod tls;

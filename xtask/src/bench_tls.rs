@@ -200,9 +200,10 @@ pub fn run(dir: &Path, cgroup_dir: &Path, cgroup_name: &str) -> anyhow::Result<R
             "state_dir = {state:?}\n[intercept]\ncgroups = [{cgroup_name:?}]\nports = [443]\nlisten = [\"127.0.0.1:0\"]\n\
              [audit]\npath = {audit:?}\n[tls]\nupstream_extra_roots = [{root:?}]\n\
              [policy]\nhost_modes = {{ {ENFORCE_HOST:?} = \"enforce\" }}\n\
-             [broker]\nsocket = {socket:?}\naudit = {broker_audit:?}\npolicy_dir = {none:?}\n\
+             [broker]\nstate_dir = {broker_state:?}\nsocket = {socket:?}\naudit = {broker_audit:?}\npolicy_dir = {none:?}\n\
              [[credential]]\nhost = {CRED_HOST:?}\nsecret = \"bench\"\nheader = \"x-api-key\"\nformat = \"{{secret}}\"\n",
             socket = dir.join("broker.sock").display().to_string(),
+            broker_state = dir.join("state/broker").display().to_string(),
             broker_audit = dir.join("broker-audit.jsonl").display().to_string(),
             none = dir.join("no-broker-policies").display().to_string(),
             state = dir.join("state").display().to_string(),
@@ -459,18 +460,19 @@ pub fn broker_round_trip() -> anyhow::Result<String> {
     let (free, pinned) = (run(false)?, run(true)?);
     let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
     let mut s = String::from(
-        "## Secrets broker: SCT issue + redeem round trip
-
-         Command: `cargo bench -p wl-daemon --bench broker` (run by `cargo xtask bench`, once with the          broker and its client free to run on either CPU, once both pinned to CPU 1 with taskset). A real          `wl-daemon broker` process; one kept-open Unix-socket connection, as the proxy keeps; per sample an          `issue` (peer check, UseSecret policy, Ed25519 signature) then a `redeem` (verify_strict, binding,          ledger append, decryption). 5,000 samples after 500 warm-up. `status` is a request that does no          work: the transport alone.
-
-         | placement | issue + redeem p50 µs | p99 µs | issue p50 | redeem p50 | status round trip p50 | target p50 < 150 µs |
-         |---|---|---|---|---|---|---|
-",
+        "## Secrets broker: SCT issue + redeem round trip\n\n\
+         Command: `cargo bench -p wl-daemon --bench broker` (run by `cargo xtask bench`, once with the \
+         broker and its client free to run on either CPU, once both pinned to CPU 1 with taskset). A real \
+         `wl-daemon broker` process; one kept-open Unix-socket connection, as the proxy keeps; per sample an \
+         `issue` (peer check, UseSecret policy, Ed25519 signature) then a `redeem` (verify_strict, binding, \
+         ledger append, decryption), each also writing the broker's audit record. 5,000 samples after 500 \
+         warm-up. `status` is a request that does no work: the transport alone.\n\n\
+         | placement | issue + redeem p50 µs | p99 µs | issue p50 | redeem p50 | status round trip p50 | target p50 < 150 µs |\n\
+         |---|---|---|---|---|---|---|\n",
     );
     for (name, v) in [("either CPU", &free), ("one CPU", &pinned)] {
         s.push_str(&format!(
-            "| {name} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} |
-",
+            "| {name} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} |\n",
             f(v, "p50_us"),
             f(v, "p99_us"),
             f(v, "issue_p50_us"),
@@ -496,16 +498,16 @@ pub fn audit_trail() -> anyhow::Result<String> {
         serde_json::from_str(String::from_utf8(out.stdout)?.lines().last().unwrap_or("{}"))?;
     let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
     Ok(format!(
-        "## Audit trail: appends and verification
-
-         Command: `cargo bench -p wl-daemon --bench audit` (run by `cargo xtask bench`), trail in /var/tmp          (the machine's disk). Durable: 256 concurrent submitters for 3 s, each waiting until its record is          written and fdatasync'ed with its batch (group commit), as enforce does per request. Writer: batches of          1,024 request-sized records through the hash chain. Verify: `wlctl audit verify`'s check of an          untouched trail of 100,000 records with its checkpoints and anchor.
-
-         | measurement | result | target | |
-|---|---|---|---|
-         | durable appends, group commit | {:.0} records/s | ≥ 50,000 records/s | {} |
-         | writer capacity (chain, no per-batch fsync) | {:.0} records/s | | |
-         | verify 100,000 records | {:.2} s | < 2 s | {} |
-",
+        "## Audit trail: appends and verification\n\n\
+         Command: `cargo bench -p wl-daemon --bench audit` (run by `cargo xtask bench`), trail in /var/tmp \
+         (the machine's disk). Durable: 256 concurrent submitters for 3 s, each waiting until its record is \
+         written and fdatasync'ed with its batch (group commit), as enforce does per request. Writer: batches \
+         of 1,024 request-sized records through the hash chain. Verify: `wlctl audit verify`'s check of an \
+         untouched trail of 100,000 records with its checkpoints and anchor.\n\n\
+         | measurement | result | target | |\n|---|---|---|---|\n\
+         | durable appends, group commit | {:.0} records/s | ≥ 50,000 records/s | {} |\n\
+         | writer capacity (chain, no per-batch fsync) | {:.0} records/s | | |\n\
+         | verify 100,000 records | {:.2} s | < 2 s | {} |\n",
         f("durable_records_per_s"),
         met(f("durable_records_per_s") >= 50_000.0),
         f("writer_records_per_s"),

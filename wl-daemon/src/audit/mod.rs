@@ -29,6 +29,9 @@ use crate::metrics::METRICS;
 
 use crate::{config::Mode, intercept::identity::AgentIdentity};
 
+/// How long records that nobody waits for may wait to be batched with others.
+const LINGER: std::time::Duration = std::time::Duration::from_millis(2);
+
 /// How many records may wait for the writer before new ones are counted as dropped.
 const QUEUE: usize = 65_536;
 
@@ -384,6 +387,23 @@ async fn write_loop(
             }
             _ = tick.tick() => true,
         };
+        // Records nobody waits for linger a moment, so that a trickle of them is written
+        // in a few batches rather than one hand-off to the blocking pool each.
+        if !timer
+            && batch.len() < 1024
+            && !batch.iter().any(|p| matches!(p, Pending::Durable(..) | Pending::Written(..)))
+        {
+            tokio::time::sleep(LINGER).await;
+            while batch.len() < 4096 {
+                match rx.try_recv() {
+                    Ok(p) => {
+                        METRICS.audit_queued.fetch_sub(1, Ordering::Relaxed);
+                        batch.push(p);
+                    }
+                    Err(_) => break,
+                }
+            }
+        }
         let mut t = trail.take().expect("the trail is back after each batch");
         t.dropped += dropped.swap(0, Ordering::Relaxed);
         trail = Some(

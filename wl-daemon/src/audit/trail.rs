@@ -129,6 +129,9 @@ pub enum Pending {
     /// Written and fsynced before `ack` is answered; not kept when the disk refuses it
     /// (whoever waits acts on the failure instead).
     Durable(AuditRecord, tokio::sync::oneshot::Sender<Result<(), String>>),
+    /// Like `Durable`, but answered once written (in the kernel's hands: it survives the
+    /// process, not the machine), without an fsync.
+    Written(AuditRecord, tokio::sync::oneshot::Sender<Result<(), String>>),
 }
 
 /// The active file and the chain's head.
@@ -348,10 +351,17 @@ impl Trail {
         }
         let mut acks = Vec::new();
         let mut durable_at = Vec::new();
+        let mut sync = false;
         for p in batch {
             match p {
                 Pending::Record(r) => records.push(r),
                 Pending::Durable(r, ack) => {
+                    sync = true;
+                    durable_at.push(records.len());
+                    records.push(r);
+                    acks.push(ack);
+                }
+                Pending::Written(r, ack) => {
                     durable_at.push(records.len());
                     records.push(r);
                     acks.push(ack);
@@ -372,7 +382,7 @@ impl Trail {
             let cp = self.checkpoint_record("periodic", None);
             self.push_line(&mut buf, &cp);
         }
-        match self.append(&buf, !acks.is_empty() || checkpoint) {
+        match self.append(&buf, sync || checkpoint) {
             Ok(()) => {
                 if self.failing {
                     tracing::info!(path = %self.path.display(), "audit trail writable again");
@@ -428,6 +438,18 @@ impl Trail {
             }
         }
         METRICS.audit_retained.store(self.retained.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Writes `records` now, in order, after any kept from an earlier failure (no fsync:
+    /// in the kernel's hands when it returns). An error means they are not written, and
+    /// none of them is kept.
+    pub fn write_now(&mut self, mut records: Vec<AuditRecord>) -> Result<(), String> {
+        let Some(last) = records.pop() else { return Ok(()) };
+        let (ack, mut done) = tokio::sync::oneshot::channel();
+        let mut batch: Vec<Pending> = records.into_iter().map(Pending::Record).collect();
+        batch.push(Pending::Written(last, ack));
+        self.commit(batch, false);
+        done.try_recv().unwrap_or_else(|_| Err("the record was not written".into()))
     }
 
     /// Seals the active file with a checkpoint, renames it `PATH.<first seq>`, and starts

@@ -40,7 +40,10 @@ use self::{
     store::{KeyRing, SecretStore, StoreRefusal},
 };
 use crate::{
-    audit::{AuditLog, AuditRecord, SecretRecord},
+    audit::{
+        trail::{Pending, Trail},
+        AuditRecord, SecretRecord,
+    },
     config::Config,
     policy::PolicyEngine,
 };
@@ -72,7 +75,16 @@ struct Broker {
     ttl_ms: i64,
     client_uids: Vec<u32>,
     admin_uids: Vec<u32>,
-    audit: AuditLog,
+    /// The broker's own trail, written synchronously: its records are few, and each must
+    /// be in the file before the answer it describes leaves.
+    audit: Mutex<Trail>,
+}
+
+impl Broker {
+    /// Writes `records` before the caller answers; an error means they are not written.
+    fn record_written(&self, records: Vec<AuditRecord>) -> Result<(), String> {
+        self.audit.lock().expect("broker trail poisoned").write_now(records)
+    }
 }
 
 /// Takes the broker off the network: a new, empty network namespace (only a loopback
@@ -115,7 +127,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let ledger = Ledger::open(&ledger_path, now)
         .with_context(|| format!("cannot open the SCT ledger `{}`", ledger_path.display()))?;
     let policy = load_policy(&config.broker.policy_dir)?;
-    let (audit, audit_writer) = AuditLog::open(&config.broker.audit, config.broker_trail_options()).await?;
+    let audit = Trail::open(&config.broker.audit, config.broker_trail_options()).with_context(|| {
+        format!(
+            "cannot open the broker's audit trail `{}` (check broker.audit)",
+            config.broker.audit.display()
+        )
+    })?;
+    let checkpoint_every = config.audit.checkpoint_interval;
     let listener = bind(&config.broker.socket)?;
     tracing::info!(
         socket = %config.broker.socket.display(),
@@ -134,29 +152,41 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ttl_ms: config.broker.token_ttl.as_millis() as i64,
         client_uids: config.broker.client_uids.clone(),
         admin_uids: config.broker.admin_uids.clone(),
-        audit,
+        audit: Mutex::new(audit),
     });
     let serving = tokio::spawn(serve(listener, broker.clone()));
+    crate::service::ready();
+    let watchdog = crate::service::watchdog();
     let mut flush = tokio::time::interval(std::time::Duration::from_secs(10));
+    let mut checkpoints = tokio::time::interval(checkpoint_every);
     loop {
         tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break }
             _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break }
-            _ = hup.recv() => match load_policy(&broker.policy_dir) {
-                Ok(p) => {
-                    tracing::info!(policies = p.count, source = %p.source, "broker policies reloaded");
-                    broker.policy.store(Arc::new(p));
+            _ = hup.recv() => {
+                crate::service::reloading();
+                match load_policy(&broker.policy_dir) {
+                    Ok(p) => {
+                        tracing::info!(policies = p.count, source = %p.source, "broker policies reloaded");
+                        broker.policy.store(Arc::new(p));
+                    }
+                    Err(e) => tracing::error!(error = %e, "broker policy reload refused; the previous policies stay in force"),
                 }
-                Err(e) => tracing::error!(error = %e, "broker policy reload refused; the previous policies stay in force"),
-            },
+                crate::service::ready();
+            }
             _ = flush.tick() => write_usage(&dir, &broker.vault.lock().expect("vault poisoned").last_used),
+            _ = checkpoints.tick() => broker.audit.lock().expect("broker trail poisoned").commit(Vec::new(), true),
         }
+    }
+    crate::service::stopping();
+    if let Some(w) = watchdog {
+        w.abort();
     }
     serving.abort();
     let _ = std::fs::remove_file(&config.broker.socket);
     write_usage(&dir, &broker.vault.lock().expect("vault poisoned").last_used);
+    broker.audit.lock().expect("broker trail poisoned").close();
     drop(broker);
-    audit_writer.shutdown().await;
     Ok(())
 }
 
@@ -255,12 +285,14 @@ async fn connection(stream: UnixStream, broker: &Broker) -> std::io::Result<()> 
         )
         .await;
         tracing::warn!(uid, "broker socket: refused a peer whose uid is not allowed");
-        broker.audit.record(AuditRecord::Secret(Box::new(SecretRecord {
+        let refused = AuditRecord::Secret(Box::new(SecretRecord {
             event: "connect",
             peer_uid: uid,
             code: Some("uid_not_allowed"),
             ..Default::default()
-        })));
+        }));
+        // Refused either way; the record is in the file before the answer leaves.
+        let _ = broker.record_written(vec![refused]);
         let reply = Reply::error(
             "uid_not_allowed",
             format!("uid {uid} may not use the secrets broker (broker.client_uids / broker.admin_uids)"),
@@ -293,7 +325,30 @@ async fn connection(stream: UnixStream, broker: &Broker) -> std::io::Result<()> 
                     Role::Admin => may_manage,
                 };
                 if allowed {
-                    broker.handle(req, uid)
+                    let mut records = Vec::new();
+                    let reply = broker.handle(req, uid, &mut records);
+                    // What was done is in the trail before anyone hears of it: a secret
+                    // whose hand-out cannot be recorded is not handed out.
+                    match broker.record_written(records) {
+                        Ok(()) => reply,
+                        Err(e) => {
+                            tracing::error!(error = %e, "broker audit trail unavailable: request refused");
+                            // Kept in memory and written once the disk takes it again.
+                            broker.audit.lock().expect("broker trail poisoned").commit(
+                                vec![Pending::Record(AuditRecord::Secret(Box::new(SecretRecord {
+                                    event: "refused",
+                                    peer_uid: uid,
+                                    code: Some("audit_unavailable"),
+                                    ..Default::default()
+                                })))],
+                                false,
+                            );
+                            Reply::error(
+                                "audit_unavailable",
+                                format!("the broker's audit trail cannot record this: {e}"),
+                            )
+                        }
+                    }
                 } else {
                     Reply::error(
                         "uid_not_allowed",
@@ -310,26 +365,30 @@ async fn connection(stream: UnixStream, broker: &Broker) -> std::io::Result<()> 
 }
 
 impl Broker {
-    fn handle(&self, req: BrokerRequest, peer_uid: u32) -> Reply {
+    /// Answers one request; the audit records it produced are pushed on `records`, to be
+    /// written before the answer leaves.
+    fn handle(&self, req: BrokerRequest, peer_uid: u32, records: &mut Vec<AuditRecord>) -> Reply {
         let now = now_ms();
         let mut vault = self.vault.lock().expect("vault poisoned");
         match req {
-            BrokerRequest::Issue(use_) => self.issue(&mut vault, use_, peer_uid, now),
-            BrokerRequest::Redeem { sct, use_ } => self.redeem(&mut vault, &sct, use_, peer_uid, now),
+            BrokerRequest::Issue(use_) => self.issue(&mut vault, use_, peer_uid, now, records),
+            BrokerRequest::Redeem { sct, use_ } => {
+                self.redeem(&mut vault, &sct, use_, peer_uid, now, records)
+            }
             BrokerRequest::Put { name, hosts, value } => {
                 let result = vault.store.put(&name, hosts, &value, now);
-                self.changed("put", &name, peer_uid, result.map(Some))
+                self.changed("put", &name, peer_uid, result.map(Some), records)
             }
             BrokerRequest::Rotate { name, hosts, value } => {
                 let result = vault.store.rotate(&name, Some(hosts), &value, now);
-                self.changed("rotate", &name, peer_uid, result.map(Some))
+                self.changed("rotate", &name, peer_uid, result.map(Some), records)
             }
             BrokerRequest::Remove { name } => {
                 let result = vault.store.remove(&name);
                 if result.is_ok() {
                     vault.last_used.remove(&name);
                 }
-                self.changed("remove", &name, peer_uid, result.map(|()| None))
+                self.changed("remove", &name, peer_uid, result.map(|()| None), records)
             }
             BrokerRequest::List => {
                 let secrets = vault
@@ -351,7 +410,7 @@ impl Broker {
                 match keys.rotate(store, now) {
                     Ok(kid) => {
                         tracing::info!(kid, "SCT signing key rotated");
-                        self.audit.record(AuditRecord::Secret(Box::new(SecretRecord {
+                        records.push(AuditRecord::Secret(Box::new(SecretRecord {
                             event: "rotate_key",
                             ok: true,
                             peer_uid,
@@ -374,7 +433,14 @@ impl Broker {
         }
     }
 
-    fn issue(&self, vault: &mut Vault, use_: Use, peer_uid: u32, now: i64) -> Reply {
+    fn issue(
+        &self,
+        vault: &mut Vault,
+        use_: Use,
+        peer_uid: u32,
+        now: i64,
+        records: &mut Vec<AuditRecord>,
+    ) -> Reply {
         let mut record = SecretRecord::for_use("issue", &use_, peer_uid);
         let reply = (|| {
             let meta = vault.store.meta(&use_.secret).ok_or_else(|| {
@@ -425,7 +491,7 @@ impl Broker {
                 Reply::error(code, message)
             }
         };
-        self.audit.record(AuditRecord::Secret(Box::new(record)));
+        records.push(AuditRecord::Secret(Box::new(record)));
         reply
     }
 
@@ -458,7 +524,15 @@ impl Broker {
         d
     }
 
-    fn redeem(&self, vault: &mut Vault, token: &str, use_: Use, peer_uid: u32, now: i64) -> Reply {
+    fn redeem(
+        &self,
+        vault: &mut Vault,
+        token: &str,
+        use_: Use,
+        peer_uid: u32,
+        now: i64,
+        records: &mut Vec<AuditRecord>,
+    ) -> Reply {
         let mut record = SecretRecord::for_use("redeem", &use_, peer_uid);
         record.jti = sct::peek(token).map(|c| c.jti_hex());
         let agent = sct::agent_digest(use_.agent.as_ref());
@@ -490,7 +564,7 @@ impl Broker {
                 Reply::error(code, message)
             }
         };
-        self.audit.record(AuditRecord::Secret(Box::new(record)));
+        records.push(AuditRecord::Secret(Box::new(record)));
         reply
     }
 
@@ -500,6 +574,7 @@ impl Broker {
         name: &str,
         peer_uid: u32,
         result: Result<Option<store::SecretMeta>, StoreRefusal>,
+        records: &mut Vec<AuditRecord>,
     ) -> Reply {
         let mut record =
             SecretRecord { event, peer_uid, secret: Some(name.to_owned()), ..Default::default() };
@@ -514,7 +589,7 @@ impl Broker {
                 refusal_reply(&e)
             }
         };
-        self.audit.record(AuditRecord::Secret(Box::new(record)));
+        records.push(AuditRecord::Secret(Box::new(record)));
         reply
     }
 }
