@@ -443,3 +443,41 @@ fn without_the_broker_enforce_sends_nothing_and_observe_goes_on_without_the_cred
     assert_eq!(rec["credential_error"], "broker_unavailable");
     assert_eq!(rec["mode"], "observe");
 }
+
+#[test]
+fn broker_users_by_name_must_exist() {
+    let agents = TestCgroup::new("users");
+    let home = DaemonHome::new();
+    let root = TestRoot::new(home.dir.path());
+    let mut cfg = config(&agents, &root, "enforce");
+    cfg.broker = "client_users = [\"no-such-user-wl\"]\n".into();
+    let config = home.write_config(&cfg);
+    let (status, stderr) =
+        wl_e2e::run_refused(Command::new(bin("wl-daemon")).args(["broker", "--config"]).arg(&config));
+    assert_eq!(status.code(), Some(1));
+    assert!(stderr.contains("broker.client_users: there is no user named `no-such-user-wl`"), "{stderr}");
+
+    // A user that exists (nobody) may obtain secrets: the client operations answer it.
+    cfg.broker = "client_users = [\"nobody\"]\n".into();
+    let run = Path::new("/tmp").join(wl_e2e::unique("users"));
+    std::fs::create_dir(&run).unwrap();
+    std::fs::set_permissions(&run, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let socket = run.join("broker.sock");
+    cfg.broker.push_str(&format!("socket = {:?}\n", socket.display().to_string()));
+    let broker = Daemon::start_broker(&home, &cfg);
+    let ask = |op: &str| {
+        let out = Command::new("/usr/bin/python3")
+            .args(["-c", "import socket,sys\ns=socket.socket(socket.AF_UNIX)\ns.connect(sys.argv[1])\ns.sendall(sys.argv[2].encode()+b'\\n')\nprint(s.makefile().readline().strip())"])
+            .arg(&socket)
+            .arg(format!("{{\"op\": \"{op}\"}}"))
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .unwrap();
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+    assert_eq!(ask("status")["ok"], true);
+    assert_eq!(ask("list")["code"], "uid_not_allowed", "a client is not an admin");
+    broker.stop_ok();
+    std::fs::remove_dir_all(&run).unwrap();
+}

@@ -91,3 +91,21 @@ fn config_check() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("line 3") && err.contains("governed"), "{err}");
 }
+
+#[test]
+fn completions_name_every_command() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = Command::new(bin("wlctl")).args(["completions", shell]).output().unwrap();
+        assert!(out.status.success(), "{shell}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        for word in ["status", "secret", "audit", "verify", "rotate-key", "policy"] {
+            assert!(text.contains(word), "{shell} completions lack {word}");
+        }
+    }
+    let out = Command::new(bin("wlctl")).args(["completions", "tcsh"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("possible values"),
+        "a clear error for an unknown shell"
+    );
+}

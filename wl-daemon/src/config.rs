@@ -120,6 +120,13 @@ pub struct BrokerConfig {
     /// uids that may manage secrets (`wlctl secret ...`); root always may.
     #[serde(default = "default_uids")]
     pub admin_uids: Vec<u32>,
+    /// Users (by name, looked up when the broker starts) that may obtain secrets, such as
+    /// the daemon's service user `wl`.
+    #[serde(default)]
+    pub client_users: Vec<String>,
+    /// Users (by name) that may manage secrets.
+    #[serde(default)]
+    pub admin_users: Vec<String>,
     /// The broker's own Cedar policies (action `UseSecret`); the built-in policy when the
     /// directory does not exist.
     #[serde(default = "default_broker_policy_dir")]
@@ -164,6 +171,8 @@ impl Default for BrokerConfig {
             state_dir: default_broker_state_dir(),
             client_uids: default_uids(),
             admin_uids: default_uids(),
+            client_users: Vec::new(),
+            admin_users: Vec::new(),
             policy_dir: default_broker_policy_dir(),
             token_ttl: default_token_ttl(),
             audit: default_broker_audit(),

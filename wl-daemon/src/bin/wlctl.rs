@@ -71,6 +71,11 @@ enum Command {
         #[command(subcommand)]
         command: BrokerCommand,
     },
+    /// Shell completions on stdout, e.g. `wlctl completions bash > /etc/bash_completion.d/wlctl`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Subcommand)]
@@ -322,6 +327,11 @@ fn main() -> ExitCode {
                 ),
             };
             broker_command(cli.config.as_deref(), req, json)
+        }
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "wlctl", &mut std::io::stdout());
+            ExitCode::SUCCESS
         }
         Command::Broker { command } => {
             let req = match command {
