@@ -85,6 +85,15 @@ fn a_real_trail_verifies_and_a_flipped_byte_is_named() {
         assert!(decision < request, "{p}: decision seq {decision}, request seq {request}");
     }
 
+    // `wlctl audit tail` reads the configured trail, filtered.
+    let (code, text) =
+        wlctl(&home, &["audit", "tail", "--kind", "decision", "--decision", "allow", "-n", "3"]);
+    assert_eq!(code, 0, "{text}");
+    let tailed: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(tailed.len(), 3, "{text}");
+    assert!(tailed.iter().all(|r| r["kind"] == "decision"), "{text}");
+    assert_eq!(tailed[2]["path"], "/v1/models/19");
+
     // One byte changed in the middle of the trail: named by seq.
     let path = home.audit_path();
     let mut bytes = std::fs::read(&path).unwrap();

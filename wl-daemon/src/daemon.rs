@@ -216,17 +216,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 /// One daemon per state directory: a second one would fight over the same cgroups.
 fn lock_state_dir(dir: &Path) -> anyhow::Result<Flock<File>> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create state_dir `{}`", dir.display()))?;
-    let path = dir.join("wl-daemon.lock");
+    lock_exclusive(&dir.join("wl-daemon.lock"), || {
+        format!(
+            "another wl-daemon is already running with state_dir `{}`: stop it first or give this one its own state_dir",
+            dir.display()
+        )
+    })
+}
+
+/// Takes an exclusive lock on `path` (created if missing) for the life of the returned
+/// guard, or fails with `taken`'s message when another process holds it.
+pub(crate) fn lock_exclusive(path: &Path, taken: impl FnOnce() -> String) -> anyhow::Result<Flock<File>> {
     let file = File::options()
         .create(true)
         .truncate(false)
         .write(true)
-        .open(&path)
+        .open(path)
         .with_context(|| format!("cannot open lock file `{}`", path.display()))?;
-    Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
-        anyhow::anyhow!(
-            "another wl-daemon is already running with state_dir `{}` ({errno}): stop it first or give this one its own state_dir",
-            dir.display()
-        )
-    })
+    Flock::lock(file, FlockArg::LockExclusiveNonblock)
+        .map_err(|(_, errno)| anyhow::anyhow!("{} ({errno})", taken()))
 }

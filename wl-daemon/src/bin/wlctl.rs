@@ -204,9 +204,9 @@ enum AuditCommand {
     },
     /// Print records, optionally only those of one kind or one process.
     Tail {
-        /// The audit file.
-        #[arg(long, default_value = "/var/log/wl/audit.jsonl")]
-        file: PathBuf,
+        /// The audit file (default: the configured audit.path).
+        #[arg(long)]
+        file: Option<PathBuf>,
         /// Only records of this kind (connection, ...).
         #[arg(long)]
         kind: Option<String>,
@@ -351,6 +351,14 @@ fn main() -> ExitCode {
             audit_verify(&cfg, files, broker, key, anchor)
         }
         Command::Audit { command: AuditCommand::Tail { file, kind, pid, host, decision, lines, follow } } => {
+            let file = match file.map_or_else(|| load_config(cli.config.as_deref()).map(|c| c.audit.path), Ok)
+            {
+                Ok(f) => f,
+                Err(e) => {
+                    eprintln!("wlctl: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
             let f = match std::fs::File::open(&file) {
                 Ok(f) => f,
                 Err(e) => {

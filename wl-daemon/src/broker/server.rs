@@ -10,7 +10,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use nix::fcntl::{Flock, FlockArg};
+use nix::fcntl::Flock;
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::{UnixListener, UnixStream},
@@ -193,18 +193,8 @@ fn load_policy(dir: &Path) -> anyhow::Result<PolicyEngine> {
 
 /// One broker per state directory.
 fn lock(dir: &Path) -> anyhow::Result<Flock<File>> {
-    let path = dir.join("wl-broker.lock");
-    let file = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("cannot open lock file `{}`", path.display()))?;
-    Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
-        anyhow::anyhow!(
-            "another wl-broker is already running with state_dir `{}` ({errno}): stop it first",
-            dir.display()
-        )
+    crate::daemon::lock_exclusive(&dir.join("wl-broker.lock"), || {
+        format!("another wl-broker is already running with state_dir `{}`: stop it first", dir.display())
     })
 }
 
