@@ -177,8 +177,8 @@ fn last_line(path: &Path) -> std::io::Result<(Option<Vec<u8>>, u64, u64)> {
     let mut tail = Vec::with_capacity(window as usize);
     f.read_to_end(&mut tail)?;
     let Some(last_nl) = tail.iter().rposition(|&b| b == b'\n') else {
-        // No complete line in the window: all of it is a torn tail (or an empty file).
-        return Ok((None, len, len - (len - window)));
+        // No complete line in the window: all of it is a torn tail (or the file is empty).
+        return Ok((None, len - window, window));
     };
     let torn = (tail.len() - last_nl - 1) as u64;
     let start = tail[..last_nl].iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);

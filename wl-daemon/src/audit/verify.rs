@@ -369,6 +369,19 @@ mod tests {
     }
 
     #[test]
+    fn a_crash_during_the_very_first_line_is_cut_off_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let torn = b"{\"time\":\"2026-11-25T";
+        std::fs::write(&path, torn).unwrap();
+        drop(Trail::open(&path, options(dir.path(), 1 << 30)).unwrap());
+        let r = check(dir.path(), std::slice::from_ref(&path));
+        assert_eq!(r.problem, None);
+        assert_eq!(r.first_seq, Some(1), "the chain starts afresh after the cut");
+        assert_eq!(r.recovered, vec![(1, torn.len() as u64)]);
+    }
+
+    #[test]
     fn the_chain_goes_on_across_rotated_files() {
         let dir = tempfile::tempdir().unwrap();
         let path = write(dir.path(), 300, 8 * 1024);
