@@ -37,6 +37,22 @@ fn applicable(n: usize) -> String {
     s
 }
 
+/// Times `decide` 5,000 times after 500 warm-up runs, each of which must allow; returns
+/// (p50, p99) in microseconds.
+fn sample(mut decide: impl FnMut() -> bool) -> (f64, f64) {
+    let mut samples = Vec::with_capacity(5000);
+    for i in 0..5500 {
+        let t = Instant::now();
+        let allowed = decide();
+        let us = t.elapsed().as_secs_f64() * 1e6;
+        assert!(allowed);
+        if i >= 500 {
+            samples.push(us);
+        }
+    }
+    percentiles(samples)
+}
+
 fn percentiles(mut v: Vec<f64>) -> (f64, f64) {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     (v[v.len() / 2], v[v.len() * 99 / 100])
@@ -68,49 +84,22 @@ fn main() {
     for n in [10usize, 1000] {
         let engine = PolicyEngine::from_sources(&[("bench.cedar".into(), policies(n))], "bench".into())
             .expect("valid");
-        let mut samples = Vec::with_capacity(5000);
-        for i in 0..5500 {
-            let t = Instant::now();
+        // A connection's first request: entities and the policy subset are built, then decided.
+        let (p50, p99) = sample(|| {
             let entities = AgentEntities::new(Some(&agent), "api.openai.com");
-            let d = engine.decide_request(&entities, &facts);
-            let us = t.elapsed().as_secs_f64() * 1e6;
-            assert!(d.allow);
-            if i >= 500 {
-                samples.push(us);
-            }
-        }
-        let (p50, p99) = percentiles(samples);
+            engine.decide_request(&entities, &facts).allow
+        });
         out.push(format!("\"p50_{n}_us\": {p50:.2}, \"p99_{n}_us\": {p99:.2}"));
         // Later requests on the same connection reuse the entities and the policy subset.
         let entities = AgentEntities::new(Some(&agent), "api.openai.com");
-        let mut samples = Vec::with_capacity(5000);
-        for i in 0..5500 {
-            let t = Instant::now();
-            let d = engine.decide_request(&entities, &facts);
-            let us = t.elapsed().as_secs_f64() * 1e6;
-            assert!(d.allow);
-            if i >= 500 {
-                samples.push(us);
-            }
-        }
-        let (p50, p99) = percentiles(samples);
+        let (p50, p99) = sample(|| engine.decide_request(&entities, &facts).allow);
         out.push(format!("\"p50_{n}_cached_us\": {p50:.2}, \"p99_{n}_cached_us\": {p99:.2}"));
     }
     // Every policy in scope: what a set written without principal or resource scopes costs.
     let engine = PolicyEngine::from_sources(&[("bench.cedar".into(), applicable(1000))], "bench".into())
         .expect("valid");
     let entities = AgentEntities::new(Some(&agent), "api.openai.com");
-    let mut samples = Vec::with_capacity(5000);
-    for i in 0..5500 {
-        let t = Instant::now();
-        let d = engine.decide_request(&entities, &facts);
-        let us = t.elapsed().as_secs_f64() * 1e6;
-        assert!(d.allow);
-        if i >= 500 {
-            samples.push(us);
-        }
-    }
-    let (p50, p99) = percentiles(samples);
+    let (p50, p99) = sample(|| engine.decide_request(&entities, &facts).allow);
     out.push(format!("\"p50_1000_in_scope_us\": {p50:.2}, \"p99_1000_in_scope_us\": {p99:.2}"));
     println!("{{{}}}", out.join(", "));
 }
