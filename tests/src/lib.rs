@@ -6,6 +6,7 @@
 
 pub mod agents;
 pub mod clients;
+pub mod machine;
 pub mod pki;
 pub mod servers;
 

@@ -80,6 +80,7 @@ fn unit_root(dir: &Path) -> std::path::PathBuf {
     std::os::unix::fs::symlink("usr/bin", root.join("bin")).unwrap();
     std::os::unix::fs::symlink("usr/lib", root.join("lib")).unwrap();
     std::fs::copy(bin("wl-daemon"), root.join("usr/bin/wl-daemon")).unwrap();
+    std::fs::copy(bin("wlctl"), root.join("usr/bin/wlctl")).unwrap();
     std::fs::copy("/usr/bin/kill", root.join("usr/bin/kill")).unwrap();
     // The units they depend on (targets, slices), as the distribution ships them.
     let status = Command::new("cp")

@@ -122,7 +122,7 @@ async fn handle(stream: UnixStream, state: &AdminState) -> std::io::Result<()> {
                 json!({"ok": true, "policies": count})
             }
             Err(e) => {
-                tracing::error!(error = %e, why = "wlctl reload", "policy reload refused; the previous policies stay in force");
+                tracing::error!(error = %e, why = "wlctl reload", "policy reload refused; the previous policies stay in force: {e}");
                 json!({"ok": false, "error": format!("reload refused, previous policies stay in force: {e}")})
             }
         },

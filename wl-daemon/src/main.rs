@@ -2,7 +2,9 @@
 //! secrets broker (wl-broker.service), each its own process.
 //!
 //! Thin on purpose: parse the command line, set up logging, hand over to the library, and
-//! turn any error into one line on stderr and exit status 1.
+//! turn any error into one line on stderr and exit status 1, or 78 (`EX_CONFIG`) when the
+//! configuration is at fault: the units do not restart on that status
+//! (`RestartPreventExitStatus=78`), since only an operator's edit can fix it.
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -47,10 +49,17 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("wl-daemon: error: {}", one_line(&e));
-            ExitCode::FAILURE
+            if e.downcast_ref::<wl_daemon::config::ConfigError>().is_some() {
+                ExitCode::from(EX_CONFIG)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
+
+/// sysexits.h: "configuration error"; systemd shows it as `status=78/CONFIG`.
+const EX_CONFIG: u8 = 78;
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
@@ -90,7 +99,9 @@ fn init_logging(identifier: &str) {
         if let Ok(journal) = tracing_journald::layer() {
             tracing_subscriber::registry()
                 .with(filter())
-                .with(journal.with_syslog_identifier(identifier.to_owned()))
+                // Fields as `HOST=`, not tracing-journald's default `F_HOST=`: what operators
+                // type in `journalctl HOST=api.openai.com`.
+                .with(journal.with_syslog_identifier(identifier.to_owned()).with_field_prefix(None))
                 .init();
             return;
         }

@@ -6,6 +6,7 @@
 
 mod bench;
 mod bench_tls;
+mod package;
 mod setup;
 
 use std::{
@@ -52,6 +53,21 @@ enum Task {
         #[arg(long)]
         no_write: bool,
     },
+    /// Build the Debian package (target/debian/wl_VERSION_ARCH.deb) from a release build.
+    Deb,
+    /// Install from source under /usr/local, as the package does (users, CA, units enabled
+    /// and started).
+    Install {
+        /// Install under this directory instead of / (nothing is run then).
+        #[arg(long, default_value = "/")]
+        destdir: PathBuf,
+    },
+    /// Remove what `install` installed (runs /usr/local/share/wl/uninstall).
+    Uninstall {
+        /// Also remove the users, configuration and state (the audit trails are kept).
+        #[arg(long)]
+        purge: bool,
+    },
     /// Measuring client that `bench` runs inside a cgroup.
     #[command(hide = true)]
     BenchClient {
@@ -81,7 +97,16 @@ fn main() -> anyhow::Result<()> {
         Task::Test { filter } => {
             setup::setup()?;
             build(false)?;
-            test(filter.as_deref())
+            // The booted-systemd tests install the package, and the same from source, in a
+            // machine made by debootstrap.
+            let deb = package::deb()?;
+            let tree = workspace_root().join("target/install-tree");
+            if tree.exists() {
+                std::fs::remove_dir_all(&tree)?;
+            }
+            package::install(&tree)?;
+            let machine = setup::machine_root()?;
+            test(filter.as_deref(), &deb, &tree, &machine)
         }
         Task::Lint => lint(),
         Task::Bench { no_write } => {
@@ -89,6 +114,17 @@ fn main() -> anyhow::Result<()> {
             build(true)?;
             bench::run(!no_write)
         }
+        Task::Deb => {
+            setup::setup()?;
+            let deb = package::deb()?;
+            println!("{}", deb.display());
+            Ok(())
+        }
+        Task::Install { destdir } => {
+            setup::setup()?;
+            package::install(&destdir)
+        }
+        Task::Uninstall { purge } => package::uninstall(purge),
         Task::BenchClient { args } => bench::client(&args),
     }
 }
@@ -113,7 +149,7 @@ fn cargo() -> Command {
     cmd
 }
 
-fn build(release: bool) -> anyhow::Result<()> {
+pub fn build(release: bool) -> anyhow::Result<()> {
     let mut cmd = cargo();
     // Default members: everything but wl-ebpf, which only builds for the BPF target.
     cmd.args(["build", "--bins"]);
@@ -124,13 +160,16 @@ fn build(release: bool) -> anyhow::Result<()> {
     run_cmd(&mut cmd)
 }
 
-fn test(filter: Option<&str>) -> anyhow::Result<()> {
+fn test(filter: Option<&str>, deb: &Path, install_tree: &Path, machine: &Path) -> anyhow::Result<()> {
     use std::io::{BufRead, BufReader};
     let root = workspace_root();
     let mut cmd = cargo();
     cmd.arg("test");
     cmd.env("WL_BIN_DIR", root.join("target/debug"));
     cmd.env("WL_CACHE_DIR", setup::cache_dir());
+    cmd.env("WL_DEB", deb);
+    cmd.env("WL_INSTALL_TREE", install_tree);
+    cmd.env("WL_MACHINE_ROOT", machine);
     if let Some(f) = filter {
         cmd.args(["--", f]);
     }

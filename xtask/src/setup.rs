@@ -121,7 +121,9 @@ fn bpf_linker(cache: &Path) -> anyhow::Result<()> {
 
 /// Tools the end-to-end tests run: curl, openssl (test certificates), ss (which process owns
 /// a socket), setpriv and unshare (unprivileged and namespaced agents), node (fetch),
-/// bpftool (what is attached to a cgroup), promtool (checks the metrics endpoint).
+/// bpftool (what is attached to a cgroup), promtool (checks the metrics endpoint),
+/// debootstrap and systemd-nspawn (the booted-systemd test), dpkg-deb and objcopy (the
+/// package).
 fn debian_packages() -> anyhow::Result<()> {
     let wanted = [
         ("curl", "curl"),
@@ -133,6 +135,10 @@ fn debian_packages() -> anyhow::Result<()> {
         ("python3", "python3"),
         ("bpftool", "bpftool"),
         ("promtool", "prometheus"),
+        ("debootstrap", "debootstrap"),
+        ("systemd-nspawn", "systemd-container"),
+        ("dpkg-deb", "dpkg"),
+        ("objcopy", "binutils"),
     ];
     let mut missing: Vec<&str> = wanted
         .iter()
@@ -190,4 +196,43 @@ fn python_clients(cache: &Path) -> anyhow::Result<()> {
         "openai",
         "websockets",
     ]))
+}
+
+/// The packages of the booted-systemd test's machine: systemd itself, and what the test
+/// runs inside (curl as the agent, python3 for the fake API), and procps, which the package
+/// depends on (/bin/kill) and minbase leaves out.
+const MACHINE_PACKAGES: &str = "systemd,systemd-sysv,dbus,ca-certificates,curl,python3,iproute2,procps";
+
+/// A Debian 12 root filesystem for the booted-systemd test (`tests/tests/systemd_boot.rs`),
+/// made once with debootstrap and kept in the cache; the test boots copies of it. A marker
+/// written last says it is complete and with which packages, so an interrupted or older
+/// one is made again.
+pub fn machine_root() -> anyhow::Result<PathBuf> {
+    let root = cache_dir().join("machine/debian12");
+    let marker = root.join("etc/wl-test-machine");
+    if std::fs::read_to_string(&marker).is_ok_and(|m| m.trim() == MACHINE_PACKAGES) {
+        return Ok(root);
+    }
+    say(
+        "machine",
+        &format!(
+            "making a Debian 12 root in {} with debootstrap (booted-systemd test; about a minute)",
+            root.display()
+        ),
+    );
+    if root.exists() {
+        std::fs::remove_dir_all(&root)
+            .with_context(|| format!("removing the incomplete {}", root.display()))?;
+    }
+    std::fs::create_dir_all(root.parent().expect("has a parent"))?;
+    run_cmd(
+        Command::new("debootstrap")
+            .args(["--variant=minbase", &format!("--include={MACHINE_PACKAGES}"), "bookworm"])
+            .arg(&root)
+            .arg("http://deb.debian.org/debian")
+            .stdout(Stdio::null()),
+    )
+    .context("debootstrap failed (it needs Debian's package mirror)")?;
+    std::fs::write(&marker, MACHINE_PACKAGES)?;
+    Ok(root)
 }

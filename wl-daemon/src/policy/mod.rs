@@ -557,7 +557,8 @@ pub fn reload_and_log(store: &PolicyStore, why: &str) {
     match store.reload() {
         Ok(count) => tracing::info!(policies = count, why, "policies reloaded"),
         Err(e) => {
-            tracing::error!(error = %e, why, "policy reload refused; the previous policies stay in force")
+            // The reason in the message too: `journalctl` and `systemctl status` show only that.
+            tracing::error!(error = %e, why, "policy reload refused; the previous policies stay in force: {e}")
         }
     }
 }
