@@ -5,16 +5,25 @@ use std::process::Command;
 
 use wl_e2e::{bin, run_refused, DaemonConfig, DaemonHome, TestCgroup};
 
-/// Runs the daemon on `home`'s config (through `wrap` when given) and checks the refusal.
-fn assert_refused(cmd: &mut Command, needles: &[&str]) -> String {
+/// Exit status of a refused configuration (sysexits' EX_CONFIG; the units do not restart
+/// on it); every other refusal exits 1.
+const EX_CONFIG: i32 = 78;
+
+/// Runs the daemon and checks the refusal: exit status `code`, one error line, `needles` in it.
+fn assert_refused_with(cmd: &mut Command, code: i32, needles: &[&str]) -> String {
     let (status, stderr) = run_refused(cmd);
-    assert_eq!(status.code(), Some(1), "expected exit 1, got {status}; stderr:\n{stderr}");
+    assert_eq!(status.code(), Some(code), "expected exit {code}, got {status}; stderr:\n{stderr}");
     let error_lines: Vec<_> = stderr.lines().filter(|l| l.starts_with("wl-daemon: error:")).collect();
     assert_eq!(error_lines.len(), 1, "expected one error line:\n{stderr}");
     for needle in needles {
         assert!(error_lines[0].contains(needle), "{needle:?} missing from {:?}", error_lines[0]);
     }
     error_lines[0].to_string()
+}
+
+/// A refusal that is not the configuration's fault (exit 1).
+fn assert_refused(cmd: &mut Command, needles: &[&str]) -> String {
+    assert_refused_with(cmd, 1, needles)
 }
 
 fn daemon_cmd(config: &std::path::Path) -> Command {
@@ -32,7 +41,11 @@ fn assert_nothing_left(cg: &TestCgroup, home: &DaemonHome) {
 fn unreadable_config() {
     let home = DaemonHome::new();
     let missing = home.dir.path().join("nope.toml");
-    assert_refused(&mut daemon_cmd(&missing), &["cannot read config", "nope.toml", "No such file"]);
+    assert_refused_with(
+        &mut daemon_cmd(&missing),
+        EX_CONFIG,
+        &["cannot read config", "nope.toml", "No such file"],
+    );
 }
 
 #[test]
@@ -45,11 +58,11 @@ fn invalid_config_names_key_and_line() {
         "mode = \"observe\"\n\n[intercept]\nports = [443]\nlisten_on = [\"127.0.0.1:0\"]\n",
     )
     .unwrap();
-    assert_refused(&mut daemon_cmd(&path), &["bad.toml", "line 5", "listen_on"]);
+    assert_refused_with(&mut daemon_cmd(&path), EX_CONFIG, &["bad.toml", "line 5", "listen_on"]);
     std::fs::write(&path, "mode = \"enforce\"\n[intercept]\nports = [443,\n").unwrap();
-    assert_refused(&mut daemon_cmd(&path), &["bad.toml", "at line 4", "expected `]`"]);
+    assert_refused_with(&mut daemon_cmd(&path), EX_CONFIG, &["bad.toml", "at line 4", "expected `]`"]);
     std::fs::write(&path, "[intercept]\nlisten = [\"192.0.2.1:15001\"]\n").unwrap();
-    assert_refused(&mut daemon_cmd(&path), &["not a loopback address"]);
+    assert_refused_with(&mut daemon_cmd(&path), EX_CONFIG, &["not a loopback address"]);
     assert_nothing_left(&cg, &home);
 }
 

@@ -123,7 +123,9 @@ fn the_package_on_a_booted_systemd() {
     assert!(ok && out.contains("\"data\""), "agent-1: {out}");
     let rec = request_of(&m, "agent-1.service");
     assert_eq!(rec["host"], "api.openai.com", "{rec}");
-    assert_eq!(rec["agent"]["comm"], "curl", "{rec}");
+    // Its pid as the machine numbers it (the daemon is in the machine's pid namespace), so
+    // its executable is known too.
+    assert_eq!(rec["agent"]["exe"], "/usr/bin/curl", "{rec}");
     assert_eq!(rec["secret"], "openai", "{rec}");
     let api_log = std::fs::read_to_string(m.path("/var/log/fake-api.jsonl")).unwrap();
     assert!(api_log.contains(&format!("Bearer {SECRET}")), "the API did not get the key: {api_log}");

@@ -15,10 +15,10 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    bindings::{bpf_sock_addr, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB},
+    bindings::{bpf_pidns_info, bpf_sock_addr, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB},
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
-        bpf_get_socket_cookie,
+        bpf_get_ns_current_pid_tgid, bpf_get_socket_cookie,
     },
     macros::{cgroup_sock_addr, map, sock_ops},
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap},
@@ -69,12 +69,58 @@ struct Dest {
 
 #[cgroup_sock_addr(connect4)]
 pub fn wl_connect4(ctx: SockAddrContext) -> i32 {
-    verdict(try_connect(&ctx, false))
+    verdict(try_connect(&ctx, false, Pids::Host))
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn wl_connect6(ctx: SockAddrContext) -> i32 {
-    verdict(try_connect(&ctx, true))
+    verdict(try_connect(&ctx, true, Pids::Host))
+}
+
+// The same two for a daemon in a container: separate programs, because a kernel that does
+// not offer the pid-namespace helper to these program types refuses any program calling it.
+#[cgroup_sock_addr(connect4)]
+pub fn wl_connect4_pidns(ctx: SockAddrContext) -> i32 {
+    verdict(try_connect(&ctx, false, Pids::DaemonNamespace))
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn wl_connect6_pidns(ctx: SockAddrContext) -> i32 {
+    verdict(try_connect(&ctx, true, Pids::DaemonNamespace))
+}
+
+/// Which pids a connection record carries.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Pids {
+    /// As the host's initial pid namespace numbers them (the daemon runs there).
+    Host,
+    /// As the daemon's own pid namespace numbers them; 0 for a caller outside it, whose pid
+    /// the daemon could not look up anyway.
+    DaemonNamespace,
+}
+
+/// The caller's (tgid, tid).
+#[inline(always)]
+fn caller_pids(s: &Settings, pids: Pids) -> (u32, u32) {
+    if pids == Pids::Host {
+        let pid_tgid = bpf_get_current_pid_tgid();
+        return ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    }
+    let mut info = bpf_pidns_info { pid: 0, tgid: 0 };
+    // SAFETY: `info` is a local of the size passed; the helper fills or zeroes it.
+    let ok = unsafe {
+        bpf_get_ns_current_pid_tgid(
+            s.pidns_dev,
+            s.pidns_ino,
+            &mut info,
+            core::mem::size_of::<bpf_pidns_info>() as u32,
+        )
+    } == 0;
+    if ok {
+        (info.tgid, info.pid)
+    } else {
+        (0, 0)
+    }
 }
 
 #[cgroup_sock_addr(sendmsg4)]
@@ -146,10 +192,12 @@ fn is_v4_mapped(ip: &[u32; 4]) -> bool {
     ip[0] == 0 && ip[1] == 0 && ip[2] == 0xffffu32.to_be()
 }
 
-/// Is the caller the daemon itself or in an exempt cgroup?
-fn caller_exempt(s: &Settings) -> bool {
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    if tgid == s.daemon_tgid {
+/// Is the caller (`tgid`) the daemon itself or in an exempt cgroup?
+fn caller_exempt(s: &Settings, tgid: u32, pids: Pids) -> bool {
+    // A host pid says nothing about a daemon in a container (`pidns_ino` set): there its
+    // cgroup, always exempt, is what keeps its own connections direct.
+    let comparable = pids == Pids::DaemonNamespace || s.pidns_ino == 0;
+    if comparable && tgid == s.daemon_tgid {
         return true;
     }
     // SAFETY: helper without arguments.
@@ -176,7 +224,7 @@ fn excluded(d: &Dest) -> bool {
 }
 
 #[inline(always)]
-fn try_connect(ctx: &SockAddrContext, v6: bool) -> Option<i32> {
+fn try_connect(ctx: &SockAddrContext, v6: bool, pids: Pids) -> Option<i32> {
     let s = settings()?;
     if s.flags & FLAG_ENABLED == 0 {
         return Some(ALLOW);
@@ -185,9 +233,13 @@ fn try_connect(ctx: &SockAddrContext, v6: bool) -> Option<i32> {
     let dest = user_dest(sa, v6);
     let sock_type = sa.type_;
     if sock_type == SOCK_DGRAM {
-        return Some(quic_verdict(ctx, s, &dest));
+        return Some(quic_verdict(ctx, s, &dest, pids));
     }
-    if sock_type != SOCK_STREAM || PORTS.get_ptr(&dest.port).is_none() || caller_exempt(s) {
+    if sock_type != SOCK_STREAM || PORTS.get_ptr(&dest.port).is_none() {
+        return Some(ALLOW);
+    }
+    let (tgid, tid) = caller_pids(s, pids);
+    if caller_exempt(s, tgid, pids) {
         return Some(ALLOW);
     }
     // Which listener can this socket reach? An AF_INET socket only an IPv4 one; an AF_INET6
@@ -202,14 +254,13 @@ fn try_connect(ctx: &SockAddrContext, v6: bool) -> Option<i32> {
 
     // SAFETY: the cookie helper takes the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr as *mut c_void) };
-    let pid_tgid = bpf_get_current_pid_tgid();
     let uid_gid = bpf_get_current_uid_gid();
     let record = ConnRecord {
         orig_ip: dest.ip,
         orig_port: dest.port,
         family: dest.family,
-        pid: (pid_tgid >> 32) as u32,
-        tid: pid_tgid as u32,
+        pid: tgid,
+        tid,
         uid: uid_gid as u32,
         gid: (uid_gid >> 32) as u32,
         reserved: 0,
@@ -251,8 +302,11 @@ fn is_listener(s: &Settings, d: &Dest) -> bool {
 /// UDP to port 443 is QUIC in practice; refusing it makes HTTP/3 clients fall back to TCP,
 /// which wl can see.
 #[inline(always)]
-fn quic_verdict(ctx: &SockAddrContext, s: &Settings, dest: &Dest) -> i32 {
-    if s.flags & FLAG_BLOCK_QUIC != 0 && dest.port == QUIC_PORT && !caller_exempt(s) {
+fn quic_verdict(ctx: &SockAddrContext, s: &Settings, dest: &Dest, pids: Pids) -> i32 {
+    if s.flags & FLAG_BLOCK_QUIC != 0
+        && dest.port == QUIC_PORT
+        && !caller_exempt(s, caller_pids(s, pids).0, pids)
+    {
         debug!(ctx, "refused udp to port 443 (block_quic)");
         return REFUSE;
     }
@@ -267,7 +321,8 @@ fn try_sendmsg(ctx: &SockAddrContext, v6: bool) -> Option<i32> {
     }
     let sa = sock_addr(ctx);
     let dest = user_dest(sa, v6);
-    Some(quic_verdict(ctx, s, &dest))
+    // sendmsg has one variant: its caller is matched by cgroup, or by host pid.
+    Some(quic_verdict(ctx, s, &dest, Pids::Host))
 }
 
 /// The agent asked who it is talking to: answer with the original destination rather than

@@ -95,6 +95,8 @@ pub struct Interceptor {
     by_peer: Mutex<HashMap<MapData, PeerKey, ConnRecord>>,
     logger: Option<tokio::task::JoinHandle<()>>,
     attached: Vec<String>,
+    /// False when the records' pids are the host's while the daemon is in a container.
+    pids_usable: bool,
     _ebpf: Ebpf,
 }
 
@@ -174,7 +176,12 @@ impl Interceptor {
             }
         };
 
-        write_maps(&mut ebpf, cfg, listeners, &exempt).map_err(InterceptError::Maps)?;
+        let pidns = own_pid_namespace();
+        write_maps(&mut ebpf, cfg, listeners, &exempt, pidns).map_err(InterceptError::Maps)?;
+        // In a container, the connect programs that number pids as the daemon does; if the
+        // kernel refuses them, the host-pid ones, and records' pids are not used.
+        let mut pids_usable = true;
+        let mut use_pidns_programs = pidns.is_some();
 
         let mut pinned = Vec::new();
         let mut owned = Vec::new();
@@ -186,7 +193,8 @@ impl Interceptor {
                 cgroup: target.name.clone(),
                 message: e.to_string(),
             })?;
-            for prog in ALL_PROGRAMS {
+            for base in ALL_PROGRAMS {
+                let prog = if use_pidns_programs { pidns_variant(base) } else { base };
                 let pin_path = pin_dir.join(format!("link-{}-{}", target.id, prog));
                 keep.insert(pin_path.clone());
                 if cfg.fail == FailMode::Closed && pin_path.exists() {
@@ -196,11 +204,20 @@ impl Interceptor {
                     pinned.push(link);
                     continue;
                 }
-                let link = attach(&mut ebpf, prog, &fd).map_err(|message| InterceptError::Attach {
-                    program: prog,
-                    cgroup: target.name.clone(),
-                    message,
-                })?;
+                let link = match attach(&mut ebpf, prog, &fd) {
+                    Err(message) if prog != base => {
+                        tracing::warn!(
+                            error = %message,
+                            "this kernel does not offer pid namespaces to connect programs (Linux 6.10 does): \
+                             agents' pids, executables and units are not recorded"
+                        );
+                        use_pidns_programs = false;
+                        pids_usable = false;
+                        attach(&mut ebpf, base, &fd)
+                    }
+                    other => other,
+                }
+                .map_err(|message| InterceptError::Attach { program: base, cgroup: target.name.clone(), message })?;
                 if cfg.fail == FailMode::Closed {
                     let link = link
                         .pin(&pin_path)
@@ -220,7 +237,15 @@ impl Interceptor {
         let by_peer =
             ebpf.take_map(maps::BY_PEER).ok_or_else(|| InterceptError::Maps("no BY_PEER map".into()))?;
         let by_peer = HashMap::try_from(by_peer).map_err(|e| InterceptError::Maps(chain(&e)))?;
-        Ok(Self { pinned, _owned: owned, by_peer: Mutex::new(by_peer), logger, attached, _ebpf: ebpf })
+        Ok(Self {
+            pinned,
+            _owned: owned,
+            by_peer: Mutex::new(by_peer),
+            logger,
+            attached,
+            pids_usable,
+            _ebpf: ebpf,
+        })
     }
 
     /// The record of the connection whose client is `peer` (as seen from `accept()`),
@@ -228,9 +253,14 @@ impl Interceptor {
     pub fn take_record(&self, peer: SocketAddr) -> Option<ConnRecord> {
         let key = peer_key(peer);
         let mut map = self.by_peer.lock().expect("BY_PEER lock poisoned");
-        let rec = map.get(&key, 0).ok()?;
+        let mut rec: ConnRecord = map.get(&key, 0).ok()?;
         // Already read; a failed delete only leaves an entry for the LRU to age out.
         let _ = map.remove(&key);
+        if !self.pids_usable {
+            // Host pids, which name other processes (or none) in the daemon's namespace.
+            rec.pid = 0;
+            rec.tid = 0;
+        }
         Some(rec)
     }
 
@@ -265,6 +295,25 @@ const ALL_PROGRAMS: [&str; 7] = [
     programs::CONNECT6,
 ];
 
+/// The program to attach in place of `base` for a daemon in its own pid namespace.
+fn pidns_variant(base: &'static str) -> &'static str {
+    match base {
+        programs::CONNECT4 => programs::CONNECT4_PIDNS,
+        programs::CONNECT6 => programs::CONNECT6_PIDNS,
+        other => other,
+    }
+}
+
+/// The inode of the host's initial pid namespace (`PROC_PID_INIT_INO`, fixed by the kernel).
+const INIT_PID_NAMESPACE_INODE: u64 = 0xEFFF_FFFC;
+
+/// The daemon's pid namespace (device, inode) when it is not the host's (a container).
+fn own_pid_namespace() -> Option<(u64, u64)> {
+    let st = nix::sys::stat::stat("/proc/self/ns/pid").ok()?;
+    let (dev, ino) = (st.st_dev, st.st_ino);
+    (ino != INIT_PID_NAMESPACE_INODE).then_some((dev, ino))
+}
+
 fn attach(ebpf: &mut Ebpf, name: &'static str, cgroup: &File) -> Result<FdLink, String> {
     let prog = ebpf.program_mut(name).ok_or_else(|| format!("program {name} missing from the object"))?;
     // bpf_link attachments to cgroups are always multi-program; the kernel refuses flags.
@@ -293,8 +342,13 @@ fn write_maps(
     cfg: &InterceptConfig,
     listeners: &[SocketAddr],
     exempt: &[u64],
+    pidns: Option<(u64, u64)>,
 ) -> Result<(), String> {
     let mut settings = Settings { daemon_tgid: std::process::id(), ..Default::default() };
+    if let Some((dev, ino)) = pidns {
+        settings.pidns_dev = dev;
+        settings.pidns_ino = ino;
+    }
     settings.flags = wl_common::FLAG_ENABLED;
     if cfg.block_quic {
         settings.flags |= wl_common::FLAG_BLOCK_QUIC;

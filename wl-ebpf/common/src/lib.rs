@@ -44,6 +44,12 @@ pub mod programs {
     pub const CONNECT4: &str = "wl_connect4";
     /// `cgroup/connect6`: the same for IPv6 and IPv4-mapped IPv6.
     pub const CONNECT6: &str = "wl_connect6";
+    /// `CONNECT4` for a daemon in a pid namespace of its own (a container): records the
+    /// caller's pid in the daemon's namespace (`bpf_get_ns_current_pid_tgid`, Linux 6.10+
+    /// in these program types) instead of the host's.
+    pub const CONNECT4_PIDNS: &str = "wl_connect4_pidns";
+    /// `CONNECT6` likewise.
+    pub const CONNECT6_PIDNS: &str = "wl_connect6_pidns";
     /// `cgroup/sendmsg4`: refuses unconnected UDP sends to 443.
     pub const SENDMSG4: &str = "wl_sendmsg4";
     /// `cgroup/sendmsg6`: the same for IPv6.
@@ -70,8 +76,13 @@ pub struct Settings {
     pub listen_port6: u16,
     /// `FLAG_*` bits.
     pub flags: u32,
-    /// The daemon's own process id (tgid, as the kernel sees it): never redirected.
+    /// The daemon's own process id (tgid) in its pid namespace: never redirected.
     pub daemon_tgid: u32,
+    /// The daemon's pid namespace (`stat /proc/self/ns/pid`: device and inode), for the
+    /// `*_PIDNS` programs, which record pids as the daemon sees them.
+    pub pidns_dev: u64,
+    /// See `pidns_dev`.
+    pub pidns_ino: u64,
 }
 
 /// What the kernel knew when an agent called `connect()`: the original destination and the
@@ -113,7 +124,7 @@ pub struct PeerKey {
     pub addr: [u32; 4],
 }
 
-const _: () = assert!(core::mem::size_of::<Settings>() == 32);
+const _: () = assert!(core::mem::size_of::<Settings>() == 48);
 const _: () = assert!(core::mem::size_of::<ConnRecord>() == 64);
 const _: () = assert!(core::mem::size_of::<PeerKey>() == 24);
 
