@@ -11,7 +11,7 @@ use tokio::{
     net::{UnixListener, UnixStream},
 };
 
-use crate::{config::Mode, policy::PolicyStore};
+use crate::{config::Mode, policy::PolicyStore, reload::Reloader};
 
 /// A request on the socket.
 #[derive(Debug, Deserialize, Serialize)]
@@ -24,7 +24,7 @@ pub enum AdminRequest {
         /// The new mode.
         mode: Mode,
     },
-    /// Reload the policy directory.
+    /// Reload the configuration file and the policy directory (`crate::reload`).
     Reload,
 }
 
@@ -39,6 +39,8 @@ pub struct AdminState {
     pub listeners: Vec<String>,
     /// When the daemon started.
     pub started: Instant,
+    /// What `reload` runs.
+    pub reloader: Arc<Reloader>,
 }
 
 /// Errors binding the socket.
@@ -116,15 +118,11 @@ async fn handle(stream: UnixStream, state: &AdminState) -> std::io::Result<()> {
             tracing::info!(?previous, ?mode, "mode switched by wlctl");
             json!({"ok": true, "mode": mode, "previous": previous})
         }
-        Ok(AdminRequest::Reload) => match state.policy.reload() {
-            Ok(count) => {
-                tracing::info!(policies = count, why = "wlctl reload", "policies reloaded");
-                json!({"ok": true, "policies": count})
+        Ok(AdminRequest::Reload) => match state.reloader.reload("wlctl reload") {
+            Ok(r) => {
+                json!({"ok": true, "policies": r.policies, "mode": r.mode, "restart_needed": r.restart_needed})
             }
-            Err(e) => {
-                tracing::error!(error = %e, why = "wlctl reload", "policy reload refused; the previous policies stay in force: {e}");
-                json!({"ok": false, "error": format!("reload refused, previous policies stay in force: {e}")})
-            }
+            Err(e) => json!({"ok": false, "error": e}),
         },
     };
     wr.write_all(format!("{reply}\n").as_bytes()).await

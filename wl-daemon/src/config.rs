@@ -56,6 +56,9 @@ pub enum FailMode {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    /// The file it was read from (`None`: the built-in one); a reload reads it again.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
     /// `observe` or `enforce`.
     #[serde(default)]
     pub mode: Mode,
@@ -522,7 +525,9 @@ impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        Self::parse(&text, &path.display().to_string())
+        let mut config = Self::parse(&text, &path.display().to_string())?;
+        config.source = Some(path.to_owned());
+        Ok(config)
     }
 
     /// Parses and validates TOML text; `origin` names it in errors.

@@ -20,6 +20,7 @@ use crate::{
     intercept::{self, cgroup, identity::IdentityResolver, Interceptor},
     policy::{self, PolicyStore},
     proxy::{self, explicit, upstream::Upstreams},
+    reload::Reloader,
     tls::{self, ca::BeaconCa, leaf::LeafCache},
 };
 
@@ -155,6 +156,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let watchdog = crate::service::watchdog();
 
     let watcher = tokio::spawn(policy::watch(policy.clone(), POLICY_POLL));
+    let reloader = Arc::new(Reloader::new(policy.clone(), config.clone()));
     let metrics_task = metrics_listener.map(|l| tokio::spawn(crate::metrics::serve(l)));
     let admin_task = tokio::spawn(admin::serve(
         admin_listener,
@@ -163,6 +165,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             cgroups: attached.clone(),
             listeners: bound.iter().map(|a| a.to_string()).collect(),
             started: std::time::Instant::now(),
+            reloader: reloader.clone(),
         }),
     ));
     loop {
@@ -171,7 +174,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break }
             _ = hup.recv() => {
                 crate::service::reloading();
-                policy::reload_and_log(&policy, "SIGHUP");
+                let _ = reloader.reload("SIGHUP");
                 crate::service::ready();
             }
         }

@@ -14,5 +14,6 @@ pub mod intercept;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
+pub mod reload;
 pub mod service;
 pub mod tls;

@@ -38,7 +38,8 @@ enum Command {
         /// The new mode; without it, the current one is shown.
         mode: Option<wl_daemon::config::Mode>,
     },
-    /// Reload the policy directory now (as SIGHUP does).
+    /// Reload the configuration file (mode, per-host modes; other changes are named as
+    /// waiting for a restart) and the policy directory, as SIGHUP and `systemctl reload` do.
     Reload,
     /// The beacon CA agents trust for governed hosts.
     Ca {
@@ -270,7 +271,12 @@ fn main() -> ExitCode {
             })
         }
         Command::Reload => admin(cli.config.as_deref(), AdminRequest::Reload, |v| {
-            println!("reloaded: {} policies", v["policies"]);
+            println!("reloaded: {} policies, mode {}", v["policies"], v["mode"].as_str().unwrap_or("?"));
+            let pending: Vec<&str> =
+                v["restart_needed"].as_array().into_iter().flatten().filter_map(|s| s.as_str()).collect();
+            if !pending.is_empty() {
+                println!("changed, applied at restart (systemctl restart wl-daemon): {}", pending.join(", "));
+            }
         }),
         Command::Ca { command } => {
             match load_config(cli.config.as_deref()).and_then(|cfg| ca_command(command, &cfg)) {

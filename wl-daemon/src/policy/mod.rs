@@ -465,7 +465,8 @@ pub struct PolicyStore {
     dir: Option<PathBuf>,
     /// The global mode; switched live by `wlctl mode` (0 observe, 1 enforce).
     mode: std::sync::atomic::AtomicU8,
-    host_modes: HashMap<String, Mode>,
+    /// Per-host overrides; replaced by a configuration reload.
+    host_modes: ArcSwap<HashMap<String, Mode>>,
 }
 
 impl PolicyStore {
@@ -483,7 +484,7 @@ impl PolicyStore {
             engine: ArcSwap::from_pointee(engine),
             dir: dir.map(Path::to_owned),
             mode: std::sync::atomic::AtomicU8::new(mode_to_u8(mode)),
-            host_modes,
+            host_modes: ArcSwap::from_pointee(host_modes),
         })
     }
 
@@ -494,7 +495,7 @@ impl PolicyStore {
 
     /// The mode for `host` (a per-host override, or the global mode).
     pub fn mode_for(&self, host: &str) -> Mode {
-        self.host_modes.get(host).copied().unwrap_or_else(|| self.mode())
+        self.host_modes.load().get(host).copied().unwrap_or_else(|| self.mode())
     }
 
     /// The global mode.
@@ -511,8 +512,13 @@ impl PolicyStore {
     }
 
     /// The per-host overrides.
-    pub fn host_modes(&self) -> &HashMap<String, Mode> {
-        &self.host_modes
+    pub fn host_modes(&self) -> Arc<HashMap<String, Mode>> {
+        self.host_modes.load_full()
+    }
+
+    /// Replaces the per-host overrides.
+    pub fn set_host_modes(&self, host_modes: HashMap<String, Mode>) {
+        self.host_modes.store(Arc::new(host_modes));
     }
 
     /// Re-reads the directory; on any error the previous set stays in force.
