@@ -4,9 +4,10 @@
 //! service is intercepted and gets its credential injected, `systemctl reload` loads new
 //! policies and keeps the old ones when the new ones are broken, a second daemon is
 //! refused, each capability the unit grants is needed, `systemctl stop` detaches, a broken
-//! configuration fails the start with the error in the journal and `systemctl status`,
-//! `dpkg --remove` stops and untrusts, and `dpkg --purge` leaves no units, users or state,
-//! only the audit trail, which still verifies.
+//! configuration fails the start with the error in the journal and `systemctl status`, an
+//! upgrade keeps the CA, secrets and edited configuration, `dpkg --remove` stops and
+//! untrusts, and `dpkg --purge` leaves no units, users or state, only the audit trail,
+//! which still verifies.
 
 use std::{
     os::unix::fs::PermissionsExt as _,
@@ -233,6 +234,20 @@ fn the_package_on_a_booted_systemd() {
     assert!(status.contains("status=78") && status.contains("Active: failed"), "status: {status}");
     assert!(journal(&m).lines().any(|l| l.starts_with("wl-daemon: error:") && l.contains("sometimes")));
     m.sh_ok("cp /root/wl.toml.good /etc/wl/wl.toml && systemctl reset-failed wl-daemon && systemctl start wl-daemon");
+
+    // Upgrade (the same package again): units restarted, the CA, secrets and the edited
+    // configuration carried over.
+    let fingerprint = m.sh_ok("wlctl ca show | grep fingerprint");
+    m.sh_ok("dpkg -i /root/wl.deb");
+    m.wait_for(
+        "both units active after the upgrade",
+        "systemctl is-active wl-broker.service wl-daemon.service",
+    );
+    assert_eq!(m.sh_ok("wlctl ca show | grep fingerprint"), fingerprint, "the upgrade replaced the CA");
+    assert!(std::fs::read_to_string(m.path("/etc/wl/wl.toml")).unwrap().contains("[[credential]]"));
+    let (ok, out) = agent(&m, "agent-6", "");
+    assert!(ok && out.contains("\"data\""), "after the upgrade: {out}");
+    assert_eq!(request_of(&m, "agent-6.service")["credential"], "injected");
 
     // Remove: services stopped, units gone, the CA no longer trusted; configuration, users
     // and state stay for a reinstall.
