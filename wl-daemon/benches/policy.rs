@@ -24,14 +24,41 @@ fn policies(n: usize) -> String {
     s
 }
 
-/// `n` policies that all apply to the request's agent, action and host (scope), so the
-/// prefilter keeps every one and Cedar evaluates each `when`.
+/// `n` policies that all apply to the request's agent, action and host (scope), each
+/// for one path prefix of the request's method: the scope prefilter keeps every one, the
+/// guards (`policy/guard.rs`) all but the one for `/v1/*`.
 fn applicable(n: usize) -> String {
     let mut s = String::from("@id(\"base\")\npermit(principal, action, resource);\n");
     for i in 0..n - 1 {
         s.push_str(&format!(
             "@id(\"p{i}\")\npermit(principal, action == Wl::Action::\"Request\", resource == Wl::Host::\"api.openai.com\") \
-             when {{ context.method == \"GET\" && context.path like \"/v{i}/*\" }};\n"
+             when {{ context.method == \"POST\" && context.path like \"/v{i}/*\" }};\n"
+        ));
+    }
+    s
+}
+
+/// `n` policies in scope, each for one model (`context.body has model && model == ...`,
+/// which the guards also read).
+fn per_model(n: usize) -> String {
+    let mut s = String::from("@id(\"base\")\npermit(principal, action, resource);\n");
+    for i in 0..n - 1 {
+        s.push_str(&format!(
+            "@id(\"p{i}\")\npermit(principal, action == Wl::Action::\"Request\", resource == Wl::Host::\"api.openai.com\") \
+             when {{ context.body has model && context.body.model == \"model-{i}\" }};\n"
+        ));
+    }
+    s
+}
+
+/// `n` policies in scope whose conditions start with something no guard reads (the hour):
+/// Cedar evaluates every one, the worst case for a large set.
+fn unguarded(n: usize) -> String {
+    let mut s = String::from("@id(\"base\")\npermit(principal, action, resource);\n");
+    for i in 0..n - 1 {
+        s.push_str(&format!(
+            "@id(\"p{i}\")\npermit(principal, action == Wl::Action::\"Request\", resource == Wl::Host::\"api.openai.com\") \
+             when {{ context.hour >= 0 && context.path like \"/v{i}/*\" }};\n"
         ));
     }
     s
@@ -101,5 +128,11 @@ fn main() {
     let entities = AgentEntities::new(Some(&agent), "api.openai.com");
     let (p50, p99) = sample(|| engine.decide_request(&entities, &facts).allow);
     out.push(format!("\"p50_1000_in_scope_us\": {p50:.2}, \"p99_1000_in_scope_us\": {p99:.2}"));
+    for (name, set) in [("per_model", per_model(1000)), ("unguarded", unguarded(1000))] {
+        let engine =
+            PolicyEngine::from_sources(&[("bench.cedar".into(), set)], "bench".into()).expect("valid");
+        let (p50, p99) = sample(|| engine.decide_request(&entities, &facts).allow);
+        out.push(format!("\"p50_1000_{name}_us\": {p50:.2}, \"p99_1000_{name}_us\": {p99:.2}"));
+    }
     println!("{{{}}}", out.join(", "));
 }

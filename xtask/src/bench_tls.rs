@@ -24,8 +24,9 @@ const CRED_HOST: &str = "api.anthropic.com";
 /// A third name of the same upstream, in `enforce` (per-host mode): every request's
 /// decision is fsynced before it is forwarded.
 const ENFORCE_HOST: &str = "api.mistral.ai";
-/// A fourth name, with 1,000 policies whose scope applies to it (so Cedar evaluates every
-/// one on every request); the others see only the permit-all base policy.
+/// A fourth name, with 1,000 policies whose scope applies to it and that no guard can leave
+/// out (so Cedar evaluates every one on every request); the others see only the permit-all
+/// base policy.
 const POLICY_HOST: &str = "api.groq.com";
 /// How many policies `POLICY_HOST` gets.
 const MANY_POLICIES: usize = 1000;
@@ -198,8 +199,9 @@ pub fn run(dir: &Path, cgroup_dir: &Path, cgroup_name: &str) -> anyhow::Result<R
     wait_port(&format!("{UPSTREAM_IP}:443"))?;
     wait_port(&format!("{NGINX_PROXY_IP}:443"))?;
 
-    // Policies: a permit-all base, and MANY_POLICIES that all apply to POLICY_HOST (each
-    // a permit for one path prefix, so none short-circuits the others).
+    // Policies: a permit-all base, and MANY_POLICIES that all apply to POLICY_HOST, each
+    // starting with a condition no guard reads (policy/guard.rs), so Cedar evaluates every
+    // one: the worst case for a large set.
     let policies = dir.join("policies");
     std::fs::create_dir_all(&policies)?;
     std::fs::write(policies.join("base.cedar"), "@id(\"base\")\npermit(principal, action, resource);\n")?;
@@ -207,7 +209,7 @@ pub fn run(dir: &Path, cgroup_dir: &Path, cgroup_name: &str) -> anyhow::Result<R
     for i in 0..MANY_POLICIES {
         many.push_str(&format!(
             "@id(\"p{i}\")\npermit(principal, action == Wl::Action::\"Request\", resource == Wl::Host::\"{POLICY_HOST}\") \
-             when {{ context.method == \"POST\" && context.path like \"/v{i}/*\" }};\n"
+             when {{ context.hour >= 0 && context.path like \"/v{i}/*\" }};\n"
         ));
     }
     std::fs::write(policies.join("many.cedar"), many)?;
@@ -365,8 +367,9 @@ pub fn report(r: &Results, mint: &str) -> String {
          process, on CPU 1 too) and the key injected. \"enforce (durable decisions)\": a third name in \
          `enforce`, so every request's decision is written and fdatasync'ed (group commit) before it is \
          forwarded; the other wl rows are `observe`, whose records are written asynchronously. \
-         \"1,000 policies\": a fourth name to which 1,000 policies apply (Cedar evaluates every one on every \
-         request); the other names see only a permit-all base policy.\n\n\
+         \"1,000 policies\": a fourth name to which 1,000 policies apply that no prefilter can leave out \
+         (Cedar evaluates every one on every request, the worst case); the other names see only a \
+         permit-all base policy.\n\n\
          | system | keep-alive req/s ({CONNECTIONS} conns) | p50 ms | p99 ms | 1 keep-alive connection p50 ms | new connection per request (1 at a time) p50 ms | req/s |\n\
          |---|---|---|---|---|---|---|\n"
     );
@@ -567,8 +570,16 @@ pub fn policy_eval() -> anyhow::Result<String> {
          | 10 | {:.1} | {:.1} | {:.1} | {:.1} | < 10 µs | {} |\n\
          | 1,000 | {:.1} | {:.1} | {:.1} | {:.1} | < 200 µs | {} |\n\
          \nWith 1,000 policies that are all in scope for the request (no principal or resource scope \
-         narrows them, so Cedar evaluates every `when`): {:.1} µs p50, {:.1} µs p99 per request ({}). The \
-         whole-path cost of such a set is in the TLS section.\n",
+         narrows them), the guards (leading comparisons of `context.method`, `context.path` or, after \
+         its `has`, `context.body.model`; `wl-daemon/src/policy/guard.rs`) leave out those that cannot \
+         hold, and Cedar evaluates the rest:\n\n\
+         | 1,000 policies in scope, each | p50 µs | p99 µs | target p50 < 200 µs |\n\
+         |---|---|---|---|\n\
+         | for one path prefix (`context.method == \"POST\" && context.path like \"/vN/*\"`) | {:.1} | {:.1} | {} |\n\
+         | for one model (`context.body has model && context.body.model == \"model-N\"`) | {:.1} | {:.1} | {} |\n\
+         | starting with a condition no guard reads (`context.hour >= 0 && ...`): every one evaluated | {:.1} | {:.1} | {} |\n\
+         \nA large set stays cheap when its policies are narrowed by scope or begin with the method, path \
+         or model they are about. The whole-path cost of an unguarded set is in the TLS section.\n",
         f("p50_10_cached_us"),
         f("p99_10_cached_us"),
         f("p50_10_us"),
@@ -581,11 +592,13 @@ pub fn policy_eval() -> anyhow::Result<String> {
         met(f("p50_1000_us") < 200.0),
         f("p50_1000_in_scope_us"),
         f("p99_1000_in_scope_us"),
-        if f("p50_1000_in_scope_us") < 200.0 {
-            "under the 200 µs target"
-        } else {
-            "over the 200 µs target"
-        },
+        met(f("p50_1000_in_scope_us") < 200.0),
+        f("p50_1000_per_model_us"),
+        f("p99_1000_per_model_us"),
+        met(f("p50_1000_per_model_us") < 200.0),
+        f("p50_1000_unguarded_us"),
+        f("p99_1000_unguarded_us"),
+        met(f("p50_1000_unguarded_us") < 200.0),
     ))
 }
 

@@ -8,6 +8,7 @@
 
 pub mod cases;
 pub mod facts;
+mod guard;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -64,12 +65,14 @@ pub struct Decision {
     pub errors: Vec<String>,
 }
 
-/// A policy with its scope, for the prefilter.
+/// A policy with its scope and guards, for the prefilter.
 struct Scoped {
     policy: Policy,
     principal: PrincipalConstraint,
     action: ActionConstraint,
     resource: ResourceConstraint,
+    /// Leading method/path comparisons of its `when` (`guard.rs`).
+    guards: Vec<guard::Guard>,
 }
 
 impl Scoped {
@@ -230,6 +233,7 @@ impl PolicyEngine {
                 principal: p.principal_constraint(),
                 action: p.action_constraint(),
                 resource: p.resource_constraint(),
+                guards: guard::guards(p),
             })
             .collect();
         let generation = GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -238,12 +242,12 @@ impl PolicyEngine {
 
     /// Decides a connection.
     pub fn decide_connect(&self, agent: &AgentEntities, facts: &facts::ConnectFacts) -> Decision {
-        self.decide("Connect", agent, facts.to_pairs())
+        self.decide("Connect", agent, facts.to_pairs(), None)
     }
 
     /// Decides an HTTP request.
     pub fn decide_request(&self, agent: &AgentEntities, facts: &facts::RequestFacts) -> Decision {
-        self.decide("Request", agent, facts.to_pairs())
+        self.decide("Request", agent, facts.to_pairs(), Some(facts))
     }
 
     /// Decides whether `agent` may use the secret `secret` (stored for `hosts`) for one
@@ -287,7 +291,15 @@ impl PolicyEngine {
         Decision { allow, policies: response.diagnostics().reason().map(|p| p.to_string()).collect(), errors }
     }
 
-    fn decide(&self, action_name: &'static str, agent: &AgentEntities, context: facts::Pairs) -> Decision {
+    /// `request_facts` are given for `Request`: they let the guards leave out policies
+    /// that cannot be satisfied.
+    fn decide(
+        &self,
+        action_name: &'static str,
+        agent: &AgentEntities,
+        context: facts::Pairs,
+        request_facts: Option<&facts::RequestFacts>,
+    ) -> Decision {
         let action = uid("Wl::Action", action_name);
         let request_action = action.clone();
         let fail = |msg: String| Decision { allow: false, policies: Vec::new(), errors: vec![msg] };
@@ -302,7 +314,15 @@ impl PolicyEngine {
             Err(e) => return fail(format!("request: {e}")),
         };
         let relevant = agent.relevant(self, action_name, &request_action);
-        let response = self.authorizer.is_authorized(&request, &relevant, &agent.entities);
+        let guarded;
+        let set = match request_facts {
+            Some(facts) if relevant.guarded => {
+                guarded = relevant.passing(self, facts);
+                guarded.as_ref().unwrap_or(&relevant.set)
+            }
+            _ => &relevant.set,
+        };
+        let response = self.authorizer.is_authorized(&request, set, &agent.entities);
         let errors: Vec<String> = response.diagnostics().errors().map(|e| e.to_string()).collect();
         let allow = response.decision() == cedar_policy::Decision::Allow && errors.is_empty();
         Decision { allow, policies: response.diagnostics().reason().map(|p| p.to_string()).collect(), errors }
@@ -354,7 +374,44 @@ pub struct AgentEntities {
     /// The policies that may apply to this agent and host, per engine generation and
     /// action: Cedar evaluates every policy it is given, so giving it only these keeps a
     /// large set cheap.
-    relevant: std::sync::Mutex<Vec<(u64, &'static str, Arc<PolicySet>)>>,
+    relevant: std::sync::Mutex<Vec<(u64, &'static str, Arc<Relevant>)>>,
+}
+
+/// The policies whose scope may apply to one agent, host and action.
+struct Relevant {
+    set: PolicySet,
+    /// Their indices in `PolicyEngine::scoped`.
+    members: Vec<usize>,
+    /// Whether any of them has guards.
+    guarded: bool,
+}
+
+impl std::fmt::Debug for Relevant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relevant").field("members", &self.members.len()).finish_non_exhaustive()
+    }
+}
+
+impl Relevant {
+    /// The members whose guards hold for `facts`, as a set of their own; `None` when that
+    /// is all of them (use `set`).
+    fn passing(&self, engine: &PolicyEngine, facts: &facts::RequestFacts) -> Option<PolicySet> {
+        let passing: Vec<&Scoped> = self
+            .members
+            .iter()
+            .map(|&i| &engine.scoped[i])
+            .filter(|s| guard::pass(&s.guards, facts))
+            .collect();
+        if passing.len() == self.members.len() {
+            return None;
+        }
+        let mut set = PolicySet::new();
+        for s in passing {
+            // INVARIANT: ids are unique in the engine, so adding a subset cannot clash.
+            set.add(s.policy.clone()).expect("unique policy ids");
+        }
+        Some(set)
+    }
 }
 
 impl AgentEntities {
@@ -363,21 +420,24 @@ impl AgentEntities {
         engine: &PolicyEngine,
         action_name: &'static str,
         action: &EntityUid,
-    ) -> Arc<PolicySet> {
+    ) -> Arc<Relevant> {
         let mut cache = self.relevant.lock().expect("policy subset cache poisoned");
         if let Some((_, _, set)) = cache.iter().find(|(g, a, _)| *g == engine.generation && *a == action_name)
         {
             return set.clone();
         }
         let mut set = PolicySet::new();
-        for s in engine.scoped.iter().filter(|s| s.may_apply(action, self)) {
+        let mut members = Vec::new();
+        for (i, s) in engine.scoped.iter().enumerate().filter(|(_, s)| s.may_apply(action, self)) {
             // INVARIANT: ids are unique in the engine, so adding a subset cannot clash.
             set.add(s.policy.clone()).expect("unique policy ids");
+            members.push(i);
         }
-        let set = Arc::new(set);
+        let guarded = members.iter().any(|&i| !engine.scoped[i].guards.is_empty());
+        let relevant = Arc::new(Relevant { set, members, guarded });
         cache.retain(|(g, _, _)| *g == engine.generation);
-        cache.push((engine.generation, action_name, set.clone()));
-        set
+        cache.push((engine.generation, action_name, relevant.clone()));
+        relevant
     }
 }
 
@@ -631,6 +691,64 @@ mod tests {
         };
         assert!(engine.decide_connect(&AgentEntities::new(None, "api.openai.com"), &api).allow);
         assert!(engine.decide_request(&AgentEntities::new(None, "api.openai.com"), &chat(None)).allow);
+    }
+
+    /// The prefilters (scope and guards) change nothing: every decision, determining
+    /// policy and error equals Cedar's over the whole set.
+    #[test]
+    fn prefiltered_decisions_equal_cedars_over_the_whole_set() {
+        let src = r#"
+            @id("base") permit(principal, action == Wl::Action::"Request", resource) when { context.path != "/admin" };
+            @id("posts") permit(principal, action == Wl::Action::"Request", resource) when { context.method == "POST" && context.path like "/v1/*" };
+            @id("no-files") forbid(principal, action == Wl::Action::"Request", resource) when { context.path like "*files*" && context.method != "GET" };
+            @id("overflow") forbid(principal, action == Wl::Action::"Request", resource) when { context.method == "PUT" && context.body has max_tokens && context.body.max_tokens * 9223372036854775807 > 0 };
+            @id("models") permit(principal in Wl::Cgroup::"/agents.slice", action == Wl::Action::"Request", resource == Wl::Host::"api.openai.com") when { "GET" == context.method && context.path == "/v1/models" };
+            @id("or") forbid(principal, action == Wl::Action::"Request", resource) when { context.method == "DELETE" || context.path == "/v1/x" };
+            @id("mini") permit(principal, action == Wl::Action::"Request", resource) when { context.body has model && context.body.model == "mini" && context.method == "PATCH" };
+            @id("not-big") forbid(principal, action == Wl::Action::"Request", resource) when { context.body has model && context.body.model != "mini" && context.path == "/admin" };
+        "#;
+        let engine = PolicyEngine::from_sources(&[("t.cedar".into(), src.into())], "t".into()).unwrap();
+        assert!(engine.scoped.iter().filter(|s| !s.guards.is_empty()).count() >= 4);
+        let mut errors_seen = 0;
+        for cgroup in ["/agents.slice/bot.service", "/other.slice/x.service"] {
+            for host in ["api.openai.com", "api.anthropic.com"] {
+                let agent = AgentEntities::new(Some(&agent(cgroup, 1000)), host);
+                for method in ["GET", "POST", "PUT", "DELETE", "PATCH"] {
+                    for (path, model) in ["/admin", "/v1/models", "/v1/files/a", "/v1/x", "/v2/files", "/"]
+                        .into_iter()
+                        .flat_map(|p| [(p, None), (p, Some("mini")), (p, Some("big"))])
+                    {
+                        let mut facts = chat(model);
+                        facts.body.max_tokens = Some(5); // `overflow` errs when it is evaluated
+                        facts.method = method.into();
+                        facts.path = path.into();
+                        let got = engine.decide_request(&agent, &facts);
+                        let request = Request::new(
+                            agent.principal.clone(),
+                            uid("Wl::Action", "Request"),
+                            agent.host.clone(),
+                            Context::from_pairs(facts.to_pairs()).unwrap(),
+                            None,
+                        )
+                        .unwrap();
+                        let r = Authorizer::new().is_authorized(&request, &engine.all, &agent.entities);
+                        let errors: Vec<String> = r.diagnostics().errors().map(|e| e.to_string()).collect();
+                        let mut policies: Vec<String> =
+                            r.diagnostics().reason().map(|p| p.to_string()).collect();
+                        let mut got_policies = got.policies.clone();
+                        policies.sort();
+                        got_policies.sort();
+                        let allow = r.decision() == cedar_policy::Decision::Allow && errors.is_empty();
+                        let what = format!("{cgroup} {host} {method} {path} {model:?}");
+                        assert_eq!(got.allow, allow, "{what}");
+                        assert_eq!(got_policies, policies, "{what}");
+                        assert_eq!(got.errors.len(), errors.len(), "{what}: {:?} vs {errors:?}", got.errors);
+                        errors_seen += errors.len();
+                    }
+                }
+            }
+        }
+        assert!(errors_seen > 0, "the erring policy was never evaluated: the test lost its edge");
     }
 
     #[test]
