@@ -35,6 +35,10 @@ fn ca_init_show_export_install_uninstall() {
     assert!(again.contains(&fingerprint), "init twice must keep the same CA");
     let (_, show, _) = wlctl(&config, &["ca", "show"]);
     assert!(show.contains("wl beacon CA") && show.contains("not after"), "{show}");
+    let (_, json, _) = wlctl(&config, &["ca", "show", "--json"]);
+    let json: serde_json::Value = serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}: {json}"));
+    assert!(fingerprint.ends_with(json["fingerprint_sha256"].as_str().unwrap()), "{json} vs {fingerprint}");
+    assert!(json["subject"].as_str().unwrap().contains("wl beacon CA"), "{json}");
     let (_, pem, _) = wlctl(&config, &["ca", "export"]);
     assert_eq!(pem, std::fs::read_to_string(dir.join("state/ca/beacon-ca.pem")).unwrap());
     assert!(!pem.contains("PRIVATE KEY"));

@@ -21,6 +21,10 @@ struct Cli {
     /// Configuration file (default /etc/wl/wl.toml when it exists, else the built-in one).
     #[arg(long, short, global = true)]
     config: Option<PathBuf>,
+    /// Machine-readable output (one JSON document) for status, mode, reload, ca show,
+    /// secret and broker commands.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -28,11 +32,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// What the running daemon is doing: mode, policies, cgroups, listeners.
-    Status {
-        /// Machine-readable output.
-        #[arg(long)]
-        json: bool,
-    },
+    Status,
     /// Show the mode, or switch it live (observe | enforce).
     Mode {
         /// The new mode; without it, the current one is shown.
@@ -111,11 +111,7 @@ enum SecretCommand {
         raw: bool,
     },
     /// Names, hosts, creation, rotation and last-use times (never values).
-    List {
-        /// Machine-readable output.
-        #[arg(long)]
-        json: bool,
-    },
+    List,
     /// Delete a secret.
     Rm {
         /// The secret's name.
@@ -232,37 +228,33 @@ enum AuditCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Status { json } => admin(cli.config.as_deref(), AdminRequest::Status, |v| {
-            if json {
-                println!("{v}");
-            } else {
-                println!("wl-daemon {}, up {} s", v["version"].as_str().unwrap_or("?"), v["uptime_s"]);
-                println!("mode:      {}", v["mode"].as_str().unwrap_or("?"));
-                if v["host_modes"].as_object().is_some_and(|m| !m.is_empty()) {
-                    println!("per host:  {}", v["host_modes"]);
-                }
-                println!(
-                    "policies:  {} from {}",
-                    v["policies"]["count"],
-                    v["policies"]["source"].as_str().unwrap_or("?")
-                );
-                println!("cgroups:   {}", v["cgroups"]);
-                println!("listeners: {}", v["listeners"]);
-                println!("requests:  {}", v["requests"]);
-                println!(
-                    "audit:     {} records, {} dropped, {} write errors, {} waiting for the disk",
-                    v["audit"]["records"],
-                    v["audit"]["dropped"],
-                    v["audit"]["write_errors"],
-                    v["audit"]["waiting_for_disk"]
-                );
+        Command::Status => admin(cli.config.as_deref(), cli.json, AdminRequest::Status, |v| {
+            println!("wl-daemon {}, up {} s", v["version"].as_str().unwrap_or("?"), v["uptime_s"]);
+            println!("mode:      {}", v["mode"].as_str().unwrap_or("?"));
+            if v["host_modes"].as_object().is_some_and(|m| !m.is_empty()) {
+                println!("per host:  {}", v["host_modes"]);
             }
+            println!(
+                "policies:  {} from {}",
+                v["policies"]["count"],
+                v["policies"]["source"].as_str().unwrap_or("?")
+            );
+            println!("cgroups:   {}", v["cgroups"]);
+            println!("listeners: {}", v["listeners"]);
+            println!("requests:  {}", v["requests"]);
+            println!(
+                "audit:     {} records, {} dropped, {} write errors, {} waiting for the disk",
+                v["audit"]["records"],
+                v["audit"]["dropped"],
+                v["audit"]["write_errors"],
+                v["audit"]["waiting_for_disk"]
+            );
         }),
-        Command::Mode { mode: None } => admin(cli.config.as_deref(), AdminRequest::Status, |v| {
+        Command::Mode { mode: None } => admin(cli.config.as_deref(), cli.json, AdminRequest::Status, |v| {
             println!("{}", v["mode"].as_str().unwrap_or("?"));
         }),
         Command::Mode { mode: Some(mode) } => {
-            admin(cli.config.as_deref(), AdminRequest::Mode { mode }, |v| {
+            admin(cli.config.as_deref(), cli.json, AdminRequest::Mode { mode }, |v| {
                 println!(
                     "mode: {} (was {})",
                     v["mode"].as_str().unwrap_or("?"),
@@ -270,7 +262,7 @@ fn main() -> ExitCode {
                 );
             })
         }
-        Command::Reload => admin(cli.config.as_deref(), AdminRequest::Reload, |v| {
+        Command::Reload => admin(cli.config.as_deref(), cli.json, AdminRequest::Reload, |v| {
             println!("reloaded: {} policies, mode {}", v["policies"], v["mode"].as_str().unwrap_or("?"));
             let pending: Vec<&str> =
                 v["restart_needed"].as_array().into_iter().flatten().filter_map(|s| s.as_str()).collect();
@@ -279,7 +271,7 @@ fn main() -> ExitCode {
             }
         }),
         Command::Ca { command } => {
-            match load_config(cli.config.as_deref()).and_then(|cfg| ca_command(command, &cfg)) {
+            match load_config(cli.config.as_deref()).and_then(|cfg| ca_command(command, &cfg, cli.json)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("wlctl: {e}");
@@ -308,31 +300,23 @@ fn main() -> ExitCode {
             }
         },
         Command::Secret { command } => {
-            let (req, json) = match command {
-                SecretCommand::Put { name, hosts, from_file, raw } => (
-                    read_value(from_file.as_deref(), raw).map(|value| BrokerRequest::Put {
-                        name,
-                        hosts,
-                        value,
-                    }),
-                    false,
-                ),
-                SecretCommand::Rotate { name, hosts, from_file, raw } => (
+            let req = match command {
+                SecretCommand::Put { name, hosts, from_file, raw } => read_value(from_file.as_deref(), raw)
+                    .map(|value| BrokerRequest::Put { name, hosts, value }),
+                SecretCommand::Rotate { name, hosts, from_file, raw } => {
                     read_value(from_file.as_deref(), raw).map(|value| BrokerRequest::Rotate {
                         name,
                         hosts,
                         value,
-                    }),
-                    false,
-                ),
-                SecretCommand::List { json } => (Ok(BrokerRequest::List), json),
-                SecretCommand::Rm { name } => (Ok(BrokerRequest::Remove { name }), false),
-                SecretCommand::Verify { name, from_file, raw } => (
-                    read_value(from_file.as_deref(), raw).map(|value| BrokerRequest::Verify { name, value }),
-                    false,
-                ),
+                    })
+                }
+                SecretCommand::List => Ok(BrokerRequest::List),
+                SecretCommand::Rm { name } => Ok(BrokerRequest::Remove { name }),
+                SecretCommand::Verify { name, from_file, raw } => {
+                    read_value(from_file.as_deref(), raw).map(|value| BrokerRequest::Verify { name, value })
+                }
             };
-            broker_command(cli.config.as_deref(), req, json)
+            broker_command(cli.config.as_deref(), req, cli.json)
         }
         Command::Completions { shell } => {
             use clap::CommandFactory;
@@ -344,7 +328,7 @@ fn main() -> ExitCode {
                 BrokerCommand::Status => BrokerRequest::Status,
                 BrokerCommand::RotateKey => BrokerRequest::RotateKey,
             };
-            broker_command(cli.config.as_deref(), Ok(req), false)
+            broker_command(cli.config.as_deref(), Ok(req), cli.json)
         }
         Command::Audit { command: AuditCommand::Verify { files, broker, key, anchor } } => {
             let cfg = match load_config(cli.config.as_deref()) {
@@ -497,6 +481,11 @@ fn broker_command(
         );
         return ExitCode::FAILURE;
     }
+    if json && !matches!(req, BrokerRequest::List) {
+        println!("{}", serde_json::to_string(&reply).expect("replies serialize"));
+        let differs = matches!(req, BrokerRequest::Verify { .. }) && reply.matches != Some(true);
+        return if differs { ExitCode::from(4) } else { ExitCode::SUCCESS };
+    }
     match req {
         BrokerRequest::Put { name, .. } | BrokerRequest::Rotate { name, .. } => {
             let meta = reply.secret.expect("put and rotate return the secret's description");
@@ -639,7 +628,7 @@ const LOCAL_CA_FILE: &str = "wl-beacon-ca.crt";
 /// The bundle update-ca-certificates writes.
 const SYSTEM_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
-fn ca_command(command: CaCommand, cfg: &Config) -> Result<(), String> {
+fn ca_command(command: CaCommand, cfg: &Config, json: bool) -> Result<(), String> {
     let state = &cfg.state_dir;
     let constraints =
         || if cfg.tls.ca_name_constraints { cfg.tls.governed_hosts.clone() } else { Vec::new() };
@@ -651,9 +640,9 @@ fn ca_command(command: CaCommand, cfg: &Config) -> Result<(), String> {
                 ca::BeaconCa::create(state, &constraints()).map_err(|e| e.to_string())?;
                 println!("created beacon CA: {}", ca::cert_path(state).display());
             }
-            show(&ca::BeaconCa::load(state).map_err(|e| e.to_string())?)
+            show(&ca::BeaconCa::load(state).map_err(|e| e.to_string())?, json)
         }
-        CaCommand::Show => show(&ca::BeaconCa::load(state).map_err(|e| e.to_string())?),
+        CaCommand::Show => show(&ca::BeaconCa::load(state).map_err(|e| e.to_string())?, json),
         CaCommand::Export => {
             print!("{}", ca::BeaconCa::load(state).map_err(|e| e.to_string())?.cert_pem());
             Ok(())
@@ -708,17 +697,30 @@ fn update_ca_certificates() -> Result<(), String> {
     Ok(())
 }
 
-fn show(ca: &ca::BeaconCa) -> Result<(), String> {
+fn show(ca: &ca::BeaconCa, json: bool) -> Result<(), String> {
     let (_, cert) =
         x509_parser::parse_x509_certificate(ca.cert_der()).map_err(|e| format!("parsing the CA: {e}"))?;
+    let limited_to: Vec<String> = match cert.name_constraints() {
+        Ok(Some(nc)) => nc.value.permitted_subtrees.iter().flatten().map(|s| s.base.to_string()).collect(),
+        _ => Vec::new(),
+    };
+    if json {
+        let v = serde_json::json!({
+            "subject": cert.subject().to_string(),
+            "fingerprint_sha256": ca.fingerprint(),
+            "not_before": cert.validity().not_before.to_rfc2822().unwrap_or_default(),
+            "not_after": cert.validity().not_after.to_rfc2822().unwrap_or_default(),
+            "limited_to": limited_to,
+        });
+        println!("{v}");
+        return Ok(());
+    }
     println!("subject:     {}", cert.subject());
     println!("fingerprint: SHA256 {}", ca.fingerprint());
     println!("not before:  {}", cert.validity().not_before);
     println!("not after:   {}", cert.validity().not_after);
-    if let Ok(Some(nc)) = cert.name_constraints() {
-        let names: Vec<String> =
-            nc.value.permitted_subtrees.iter().flatten().map(|s| s.base.to_string()).collect();
-        println!("limited to:  {}", names.join(", "));
+    if !limited_to.is_empty() {
+        println!("limited to:  {}", limited_to.join(", "));
     }
     Ok(())
 }
@@ -789,6 +791,7 @@ fn policy_command(command: PolicyCommand, cfg: &Config) -> ExitCode {
 /// daemon's error. Exit 1 when the daemon is unreachable or refuses.
 fn admin(
     config: Option<&std::path::Path>,
+    json: bool,
     req: AdminRequest,
     show: impl FnOnce(&serde_json::Value),
 ) -> ExitCode {
@@ -802,7 +805,11 @@ fn admin(
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
     match rt.block_on(wl_daemon::admin::request(&cfg.admin_socket, &req)) {
         Ok(v) if v["ok"] == true => {
-            show(&v);
+            if json {
+                println!("{v}");
+            } else {
+                show(&v);
+            }
             ExitCode::SUCCESS
         }
         Ok(v) => {
