@@ -24,44 +24,35 @@ fn policies(n: usize) -> String {
     s
 }
 
-/// `n` policies that all apply to the request's agent, action and host (scope), each
-/// for one path prefix of the request's method: the scope prefilter keeps every one, the
-/// guards (`policy/guard.rs`) all but the one for `/v1/*`.
-fn applicable(n: usize) -> String {
+/// A permit-all base and `n - 1` policies in scope for the request's agent, action and
+/// host, the i-th with the condition `when(i)`.
+fn in_scope(n: usize, when: impl Fn(usize) -> String) -> String {
     let mut s = String::from("@id(\"base\")\npermit(principal, action, resource);\n");
     for i in 0..n - 1 {
         s.push_str(&format!(
             "@id(\"p{i}\")\npermit(principal, action == Wl::Action::\"Request\", resource == Wl::Host::\"api.openai.com\") \
-             when {{ context.method == \"POST\" && context.path like \"/v{i}/*\" }};\n"
+             when {{ {} }};\n",
+            when(i)
         ));
     }
     s
 }
 
-/// `n` policies in scope, each for one model (`context.body has model && model == ...`,
-/// which the guards also read).
+/// Each for one path prefix of the request's method: the scope prefilter keeps every one,
+/// the guards (`policy/guard.rs`) all but the one for `/v1/*`.
+fn per_path(n: usize) -> String {
+    in_scope(n, |i| format!("context.method == \"POST\" && context.path like \"/v{i}/*\""))
+}
+
+/// Each for one model (`has model && model == ...`, which the guards also read).
 fn per_model(n: usize) -> String {
-    let mut s = String::from("@id(\"base\")\npermit(principal, action, resource);\n");
-    for i in 0..n - 1 {
-        s.push_str(&format!(
-            "@id(\"p{i}\")\npermit(principal, action == Wl::Action::\"Request\", resource == Wl::Host::\"api.openai.com\") \
-             when {{ context.body has model && context.body.model == \"model-{i}\" }};\n"
-        ));
-    }
-    s
+    in_scope(n, |i| format!("context.body has model && context.body.model == \"model-{i}\""))
 }
 
-/// `n` policies in scope whose conditions start with something no guard reads (the hour):
-/// Cedar evaluates every one, the worst case for a large set.
+/// Starting with something no guard reads (the hour): Cedar evaluates every one, the
+/// worst case for a large set.
 fn unguarded(n: usize) -> String {
-    let mut s = String::from("@id(\"base\")\npermit(principal, action, resource);\n");
-    for i in 0..n - 1 {
-        s.push_str(&format!(
-            "@id(\"p{i}\")\npermit(principal, action == Wl::Action::\"Request\", resource == Wl::Host::\"api.openai.com\") \
-             when {{ context.hour >= 0 && context.path like \"/v{i}/*\" }};\n"
-        ));
-    }
-    s
+    in_scope(n, |i| format!("context.hour >= 0 && context.path like \"/v{i}/*\""))
 }
 
 /// Times `decide` 5,000 times after 500 warm-up runs, each of which must allow; returns
@@ -123,8 +114,8 @@ fn main() {
         out.push(format!("\"p50_{n}_cached_us\": {p50:.2}, \"p99_{n}_cached_us\": {p99:.2}"));
     }
     // Every policy in scope: what a set written without principal or resource scopes costs.
-    let engine = PolicyEngine::from_sources(&[("bench.cedar".into(), applicable(1000))], "bench".into())
-        .expect("valid");
+    let engine =
+        PolicyEngine::from_sources(&[("bench.cedar".into(), per_path(1000))], "bench".into()).expect("valid");
     let entities = AgentEntities::new(Some(&agent), "api.openai.com");
     let (p50, p99) = sample(|| engine.decide_request(&entities, &facts).allow);
     out.push(format!("\"p50_1000_in_scope_us\": {p50:.2}, \"p99_1000_in_scope_us\": {p99:.2}"));

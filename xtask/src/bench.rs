@@ -272,15 +272,56 @@ pub fn run(write: bool) -> anyhow::Result<()> {
 
     if write {
         let path = workspace_root().join("BENCHMARKS.md");
-        let header = "# Benchmarks\n\nNumbers from `cargo xtask bench` on this project's machines; every comparison is \
-                      measured in the same run on the same machine, alternating the sides.\n\n";
+        let header =
+            "# Benchmarks\n\nNumbers from `cargo xtask bench` and `cargo xtask bench compare` on this \
+                      project's machines; every comparison is measured in the same run on the same machine, \
+                      alternating the sides.\n\n";
+        // `bench compare` owns its own section: keep it.
+        let kept = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|text| section(&text, crate::bench_compare::COMPARISON_HEADING).map(str::to_owned))
+            .unwrap_or_default();
         std::fs::write(
             &path,
-            format!("{header}{report}\n{tls_report}\n{policy_report}\n{broker_report}\n{audit_report}"),
+            format!("{header}{kept}{report}\n{tls_report}\n{policy_report}\n{broker_report}\n{audit_report}"),
         )?;
         eprintln!("xtask bench: wrote {}", path.display());
     }
     Ok(())
+}
+
+/// The section of `text` that starts with `heading`, up to the next `## ` heading.
+fn section<'a>(text: &'a str, heading: &str) -> Option<&'a str> {
+    let start = text.find(heading)?;
+    let rest = &text[start + heading.len()..];
+    let end = rest.find("\n## ").map_or(text.len(), |i| start + heading.len() + i + 1);
+    Some(&text[start..end])
+}
+
+/// Puts `body` (which starts with `heading`) into BENCHMARKS.md in place of the section
+/// with that heading, or after the file's header when there is none.
+pub fn write_section(heading: &str, body: &str) -> anyhow::Result<()> {
+    let path = workspace_root().join("BENCHMARKS.md");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmarks\n\n".into());
+    let body = format!("{}\n", body.trim_end());
+    let new = match section(&text, heading) {
+        Some(old) => text.replacen(old, &format!("{body}\n"), 1),
+        None => match text.find("\n## ") {
+            Some(i) => format!("{}\n{body}\n{}", &text[..i], &text[i + 1..]),
+            None => format!("{text}\n{body}"),
+        },
+    };
+    std::fs::write(&path, new)?;
+    Ok(())
+}
+
+/// `cargo xtask bench compare` (see `bench_compare.rs`), with an intercepted cgroup.
+pub fn compare(write: bool) -> anyhow::Result<()> {
+    if !nix_is_root() {
+        bail!("the comparison attaches eBPF programs: run `cargo xtask bench compare` as root");
+    }
+    let hooked = Cgroup::new("compare")?;
+    crate::bench_compare::run(write, &hooked.dir, &hooked.name)
 }
 
 fn nix_is_root() -> bool {
@@ -292,7 +333,8 @@ fn nix_is_root() -> bool {
         .unwrap_or(false)
 }
 
-fn machine_description() -> String {
+/// The machine, for every report.
+pub fn machine_description() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {

@@ -30,8 +30,10 @@ const ENFORCE_HOST: &str = "api.mistral.ai";
 const POLICY_HOST: &str = "api.groq.com";
 /// How many policies `POLICY_HOST` gets.
 const MANY_POLICIES: usize = 1000;
-const UPSTREAM_IP: &str = "127.0.2.1";
-const NGINX_PROXY_IP: &str = "127.0.2.2";
+/// The upstream nginx.
+pub const UPSTREAM_IP: &str = "127.0.2.1";
+/// nginx as a reverse proxy in front of it.
+pub const NGINX_PROXY_IP: &str = "127.0.2.2";
 
 /// One wrk run's numbers.
 #[derive(Clone, Copy, Debug, Default)]
@@ -84,7 +86,8 @@ pub fn tools() -> anyhow::Result<()> {
     result
 }
 
-fn pki(dir: &Path) -> anyhow::Result<()> {
+/// A test root and the upstream's certificate for every name the benchmarks use.
+pub fn pki(dir: &Path) -> anyhow::Result<()> {
     let d = dir.display();
     sh(&format!(
         "cd {d} && openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
@@ -98,17 +101,22 @@ fn pki(dir: &Path) -> anyhow::Result<()> {
     ))
 }
 
-fn nginx_conf(dir: &Path) -> String {
+/// The upstream (JSON body, SSE body) and the reverse proxy in front of it.
+pub fn nginx_conf(dir: &Path) -> String {
     let d = dir.display();
     // ~1.2 KB: the size of a short chat completion.
     let body = r#"{"id":"chatcmpl-bench","object":"chat.completion","created":0,"model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor incididunt ut labore et dolore magna aliqua. Ut enim ad minim veniam, quis nostrud exercitation ullamco laboris nisi ut aliquip ex ea commodo consequat. Duis aute irure dolor in reprehenderit in voluptate velit esse cillum dolore eu fugiat nulla pariatur. Excepteur sint occaecat cupidatat non proident, sunt in culpa qui officia deserunt mollit anim id est laborum. Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor incididunt ut labore et dolore magna aliqua. Ut enim ad minim veniam, quis nostrud exercitation ullamco laboris nisi ut aliquip ex ea commodo consequat."},"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":140,"total_tokens":152}}"#;
+    // A streamed chat completion's first events.
+    // (`\n` is nginx's escape for a newline in a quoted string.)
+    let sse = r#"data: {"choices":[{"delta":{"content":"Hello"}}]}\n\ndata: [DONE]\n\n"#;
     format!(
         "worker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/nginx-error.log;\ndaemon off;\n\
-         events {{ worker_connections 4096; }}\n\
+         events {{ worker_connections 19000; }}\n\
          http {{\n  access_log off;\n  keepalive_requests 1000000;\n\
            upstream api {{ server {UPSTREAM_IP}:443; keepalive 128; }}\n\
            server {{\n    listen {UPSTREAM_IP}:443 ssl http2;\n    ssl_certificate {d}/api.pem;\n    ssl_certificate_key {d}/api.key;\n\
-             location / {{ default_type application/json; return 200 '{body}'; }}\n  }}\n\
+             location / {{ default_type application/json; return 200 '{body}'; }}\n\
+             location /v1/sse {{ default_type text/event-stream; return 200 '{sse}'; }}\n  }}\n\
            server {{\n    listen {NGINX_PROXY_IP}:443 ssl http2;\n    ssl_certificate {d}/api.pem;\n    ssl_certificate_key {d}/api.key;\n\
              location / {{\n      proxy_pass https://api;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n\
                proxy_ssl_verify on;\n      proxy_ssl_trusted_certificate {d}/root.pem;\n      proxy_ssl_name {HOST};\n\
@@ -116,7 +124,8 @@ fn nginx_conf(dir: &Path) -> String {
     )
 }
 
-struct Proc(Child);
+/// A started process, stopped (SIGTERM, then SIGKILL after 5 s) on drop.
+pub struct Proc(pub Child);
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = Command::new("kill").arg("-TERM").arg(self.0.id().to_string()).status();
@@ -132,7 +141,8 @@ impl Drop for Proc {
     }
 }
 
-fn wait_port(addr: &str) -> anyhow::Result<()> {
+/// Waits up to 20 s until `addr` accepts.
+pub fn wait_port(addr: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(20);
     while std::net::TcpStream::connect(addr).is_err() {
         if Instant::now() > deadline {

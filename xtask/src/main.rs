@@ -5,6 +5,7 @@
 //! `cargo xtask test` work with nothing done by hand.
 
 mod bench;
+mod bench_compare;
 mod bench_tls;
 mod package;
 mod setup;
@@ -47,8 +48,11 @@ enum Task {
     },
     /// rustfmt and clippy, as CI runs them.
     Lint,
-    /// Benchmarks; results go to BENCHMARKS.md.
+    /// Benchmarks; results go to BENCHMARKS.md. `bench compare`: wl beside direct, nginx
+    /// and mitmproxy (installs oha and mitmproxy into the cache first).
     Bench {
+        /// `compare` for the side-by-side comparison; nothing for the component benchmarks.
+        what: Option<String>,
         /// Print results without rewriting BENCHMARKS.md.
         #[arg(long)]
         no_write: bool,
@@ -109,10 +113,16 @@ fn main() -> anyhow::Result<()> {
             test(filter.as_deref(), &deb, &tree, &machine)
         }
         Task::Lint => lint(),
-        Task::Bench { no_write } => {
+        Task::Bench { what, no_write } => {
             setup::setup()?;
             build(true)?;
-            bench::run(!no_write)
+            match what.as_deref() {
+                None => bench::run(!no_write),
+                Some("compare") => bench::compare(!no_write),
+                Some(other) => {
+                    bail!("unknown benchmark `{other}`: `cargo xtask bench` or `cargo xtask bench compare`")
+                }
+            }
         }
         Task::Deb => {
             setup::setup()?;

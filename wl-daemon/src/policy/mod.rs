@@ -318,7 +318,7 @@ impl PolicyEngine {
         let set = match request_facts {
             Some(facts) if relevant.guarded => {
                 guarded = relevant.passing(self, facts);
-                guarded.as_ref().unwrap_or(&relevant.set)
+                guarded.as_deref().unwrap_or(&relevant.set)
             }
             _ => &relevant.set,
         };
@@ -384,7 +384,14 @@ struct Relevant {
     members: Vec<usize>,
     /// Whether any of them has guards.
     guarded: bool,
+    /// Sets already built for guard outcomes (which members pass), most recent last: the
+    /// requests of one connection mostly share an outcome, and building a set costs more
+    /// than deciding with it.
+    by_outcome: std::sync::Mutex<Vec<(Vec<bool>, Arc<PolicySet>)>>,
 }
+
+/// How many guard outcomes a connection keeps sets for.
+const OUTCOME_CACHE: usize = 8;
 
 impl std::fmt::Debug for Relevant {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -395,21 +402,26 @@ impl std::fmt::Debug for Relevant {
 impl Relevant {
     /// The members whose guards hold for `facts`, as a set of their own; `None` when that
     /// is all of them (use `set`).
-    fn passing(&self, engine: &PolicyEngine, facts: &facts::RequestFacts) -> Option<PolicySet> {
-        let passing: Vec<&Scoped> = self
-            .members
-            .iter()
-            .map(|&i| &engine.scoped[i])
-            .filter(|s| guard::pass(&s.guards, facts))
-            .collect();
-        if passing.len() == self.members.len() {
+    fn passing(&self, engine: &PolicyEngine, facts: &facts::RequestFacts) -> Option<Arc<PolicySet>> {
+        let outcome: Vec<bool> =
+            self.members.iter().map(|&i| guard::pass(&engine.scoped[i].guards, facts)).collect();
+        if outcome.iter().all(|&p| p) {
             return None;
         }
-        let mut set = PolicySet::new();
-        for s in passing {
-            // INVARIANT: ids are unique in the engine, so adding a subset cannot clash.
-            set.add(s.policy.clone()).expect("unique policy ids");
+        let mut cache = self.by_outcome.lock().expect("guard outcome cache poisoned");
+        if let Some((_, set)) = cache.iter().find(|(o, _)| *o == outcome) {
+            return Some(set.clone());
         }
+        let mut set = PolicySet::new();
+        for (&i, _) in self.members.iter().zip(&outcome).filter(|(_, &p)| p) {
+            // INVARIANT: ids are unique in the engine, so adding a subset cannot clash.
+            set.add(engine.scoped[i].policy.clone()).expect("unique policy ids");
+        }
+        let set = Arc::new(set);
+        if cache.len() == OUTCOME_CACHE {
+            cache.remove(0);
+        }
+        cache.push((outcome, set.clone()));
         Some(set)
     }
 }
@@ -434,7 +446,7 @@ impl AgentEntities {
             members.push(i);
         }
         let guarded = members.iter().any(|&i| !engine.scoped[i].guards.is_empty());
-        let relevant = Arc::new(Relevant { set, members, guarded });
+        let relevant = Arc::new(Relevant { set, members, guarded, by_outcome: Default::default() });
         cache.retain(|(g, _, _)| *g == engine.generation);
         cache.push((engine.generation, action_name, relevant.clone()));
         relevant

@@ -1,0 +1,679 @@
+//! `cargo xtask bench compare`: wl beside what users would otherwise run, on one upstream,
+//! with one load generator, in turns.
+//!
+//! Systems: direct to the upstream (the limit); nginx as a TLS-terminating reverse proxy
+//! with upstream keep-alive (the bar a production proxy sets); wl transparent (eBPF
+//! redirect, TLS interception, Cedar, audit), with and without credential injection; wl
+//! explicit (its CONNECT listener, as `HTTPS_PROXY` agents use it); mitmproxy 11 in
+//! regular mode. The upstream is nginx serving a chat-completion-sized JSON body and a
+//! server-sent-events body. The generator is oha (the one tool here that speaks through
+//! an HTTP proxy too), pinned to CPU 0; every proxy and the upstream are pinned to CPU 1.
+//!
+//! Per system: keep-alive requests/s and p50/p99/p99.9 at 32 connections; one keep-alive
+//! connection's p50; a new connection per request (p50); time to the first byte of the
+//! SSE response on a new connection (curl); the proxy's CPU time per request and peak RSS;
+//! and for wl, peak RSS with 10,000 open keep-alive connections (the open-file limit
+//! here is 20,000 per process, which that run stays under). Four rounds in turns;
+//! rounds 1-2 and 3-4 are reported as two runs so that their agreement shows.
+//! Everything is loopback, bounded in time, and stopped at the end.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _};
+
+use crate::{
+    bench_tls::{self, Proc},
+    run_cmd,
+    setup::cache_dir,
+    workspace_root,
+};
+
+const ROUNDS: usize = 4;
+const LOAD_SECONDS: u32 = 5;
+const SHORT_SECONDS: u32 = 3;
+const CONNECTIONS: u32 = 32;
+const MANY_CONNECTIONS: u32 = 10_000;
+const SSE_SAMPLES: usize = 15;
+/// The governed name without a credential, and one with (same upstream).
+const HOST: &str = "api.openai.com";
+const CRED_HOST: &str = "api.anthropic.com";
+const WL_CONNECT: &str = "127.0.2.4:3128";
+const MITM_LISTEN: &str = "127.0.2.5:8080";
+
+/// How a system is reached.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Route {
+    /// The client resolves the name to this address (direct, or nginx's).
+    Resolve(&'static str),
+    /// The client resolves to the upstream from an intercepted cgroup.
+    Transparent,
+    /// Through an HTTP proxy (CONNECT).
+    Proxy(&'static str),
+}
+
+struct System {
+    name: &'static str,
+    host: &'static str,
+    route: Route,
+    /// Which of the started processes is the proxy (for CPU and memory).
+    proxy: Option<&'static str>,
+}
+
+const SYSTEMS: [System; 6] = [
+    System { name: "direct", host: HOST, route: Route::Resolve(bench_tls::UPSTREAM_IP), proxy: None },
+    System {
+        name: "nginx proxy",
+        host: HOST,
+        route: Route::Resolve(bench_tls::NGINX_PROXY_IP),
+        proxy: Some("nginx"),
+    },
+    System { name: "wl transparent", host: HOST, route: Route::Transparent, proxy: Some("wl") },
+    System {
+        name: "wl transparent + credential",
+        host: CRED_HOST,
+        route: Route::Transparent,
+        proxy: Some("wl+broker"),
+    },
+    System { name: "wl explicit (CONNECT)", host: HOST, route: Route::Proxy(WL_CONNECT), proxy: Some("wl") },
+    System { name: "mitmproxy 11", host: HOST, route: Route::Proxy(MITM_LISTEN), proxy: Some("mitmproxy") },
+];
+
+/// One oha run.
+#[derive(Clone, Copy, Debug, Default)]
+struct Load {
+    rps: f64,
+    requests: f64,
+    p50: f64,
+    p99: f64,
+    p999: f64,
+}
+
+/// One system's samples over the rounds.
+#[derive(Default)]
+struct Samples {
+    keep_alive: Vec<Load>,
+    one: Vec<Load>,
+    new_conn: Vec<Load>,
+    sse_ms: Vec<f64>,
+    cpu_us_per_request: Vec<f64>,
+}
+
+/// Installs what the comparison needs; returns (oha, mitmdump).
+fn tools() -> anyhow::Result<(PathBuf, PathBuf)> {
+    bench_tls::tools()?;
+    let dir = cache_dir().join("bench");
+    let oha = dir.join("oha/bin/oha");
+    if !oha.exists() {
+        eprintln!(
+            "xtask bench compare: building oha from crates.io into {} (load generator; a few minutes)",
+            dir.display()
+        );
+        run_cmd(
+            Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                .args(["install", "oha", "--locked", "--root"])
+                .arg(dir.join("oha")),
+        )?;
+    }
+    let mitmdump = dir.join("mitmproxy/bin/mitmdump");
+    if !mitmdump.exists() {
+        eprintln!(
+            "xtask bench compare: installing mitmproxy 11 from PyPI into {}",
+            dir.join("mitmproxy").display()
+        );
+        run_cmd(Command::new("python3").args(["-m", "venv"]).arg(dir.join("mitmproxy")))?;
+        run_cmd(Command::new(dir.join("mitmproxy/bin/pip")).args([
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+            "mitmproxy>=11,<12",
+        ]))?;
+    }
+    Ok((oha, mitmdump))
+}
+
+/// Starts `argv` on CPU 1 in a mount namespace whose /etc/hosts is `hosts`.
+fn start(
+    name: &'static str,
+    hosts: &Path,
+    argv: &[&std::ffi::OsStr],
+    env: &[(&str, &str)],
+) -> anyhow::Result<Proc> {
+    let mut cmd = Command::new("unshare");
+    cmd.args(["-m", "--propagation", "private", "sh", "-c"])
+        .arg(format!("mount --bind {} /etc/hosts && exec taskset -c 1 \"$@\"", hosts.display()))
+        .arg("sh")
+        .args(argv)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    Ok(Proc(cmd.spawn().with_context(|| format!("starting {name}"))?))
+}
+
+/// The process ids of `root` and its descendants (nginx's workers, mitmproxy's helpers).
+fn tree(root: u32) -> Vec<u32> {
+    let mut pids = vec![root];
+    let mut i = 0;
+    while i < pids.len() {
+        let children =
+            std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", pids[i])).unwrap_or_default();
+        pids.extend(children.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+        i += 1;
+    }
+    pids
+}
+
+/// CPU time (user + system) of a process tree, in microseconds.
+fn cpu_us(pids: &[u32]) -> f64 {
+    let tick = 100.0; // USER_HZ on Linux
+    pids.iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
+        .filter_map(|s| {
+            // Fields after the command name, which is in parentheses and may hold spaces.
+            let rest = &s[s.rfind(')')? + 2..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some(f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?)
+        })
+        .sum::<f64>()
+        * 1e6
+        / tick
+}
+
+/// Peak resident memory (VmHWM) of a process tree, MiB.
+fn peak_rss_mib(pids: &[u32]) -> f64 {
+    pids.iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
+        .filter_map(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("VmHWM:").and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+            })
+        })
+        .sum::<f64>()
+        / 1024.0
+}
+
+/// Parses oha's JSON output.
+fn parse_oha(text: &str) -> anyhow::Result<Load> {
+    let v: serde_json::Value = serde_json::from_str(text).context("oha's JSON output")?;
+    let pct = |k: &str| v["latencyPercentiles"][k].as_f64().unwrap_or(f64::NAN) * 1000.0;
+    let ok: f64 = v["statusCodeDistribution"]
+        .as_object()
+        .map(|m| m.iter().filter(|(code, _)| code.starts_with('2')).filter_map(|(_, n)| n.as_f64()).sum())
+        .unwrap_or(0.0);
+    // (`-w`: requests in flight at the deadline finish rather than count as errors.)
+    let errors: f64 = v["errorDistribution"]
+        .as_object()
+        .map(|m| m.values().filter_map(|n| n.as_f64()).sum())
+        .unwrap_or(0.0);
+    if ok == 0.0 || errors > ok * 0.01 {
+        bail!("oha: {ok} successful requests, {errors} errors: {}", v["errorDistribution"]);
+    }
+    Ok(Load {
+        rps: v["summary"]["requestsPerSec"].as_f64().unwrap_or(f64::NAN),
+        requests: ok,
+        p50: pct("p50"),
+        p99: pct("p99"),
+        p999: pct("p99.9"),
+    })
+}
+
+/// The shell prefix that puts a client where `system` needs it: its /etc/hosts, and the
+/// intercepted cgroup for the transparent path.
+fn client_prefix(dir: &Path, system: &System, cgroup_dir: &Path) -> anyhow::Result<String> {
+    let ip = match system.route {
+        Route::Resolve(ip) => ip,
+        Route::Transparent | Route::Proxy(_) => bench_tls::UPSTREAM_IP,
+    };
+    let hosts = dir.join(format!("hosts-client-{ip}"));
+    std::fs::write(&hosts, format!("127.0.0.1 localhost\n{ip} {HOST} {CRED_HOST}\n"))?;
+    let join = if system.route == Route::Transparent {
+        format!("echo $$ > {}/cgroup.procs && ", cgroup_dir.display())
+    } else {
+        String::new()
+    };
+    Ok(format!("mount --bind {} /etc/hosts && {join}", hosts.display()))
+}
+
+fn client(prefix: &str, command: &str) -> anyhow::Result<String> {
+    let script = format!("{prefix}exec taskset -c 0 {command}");
+    let out =
+        Command::new("unshare").args(["-m", "--propagation", "private", "sh", "-c", &script]).output()?;
+    if !out.status.success() {
+        bail!(
+            "`{command}` failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+fn oha_run(oha: &Path, prefix: &str, system: &System, args: &str) -> anyhow::Result<Load> {
+    let proxy = match system.route {
+        Route::Proxy(addr) => format!("-x http://{addr}"),
+        _ => String::new(),
+    };
+    let cmd = format!(
+        "{oha} --no-tui --output-format json --insecure -w {proxy} {args} https://{host}/v1/chat/completions",
+        oha = oha.display(),
+        host = system.host
+    );
+    parse_oha(&client(prefix, &cmd)?)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    v[v.len() / 2]
+}
+
+/// Runs the comparison and (with `write`) puts its section into BENCHMARKS.md.
+pub fn run(write: bool, cgroup_dir: &Path, cgroup_name: &str) -> anyhow::Result<()> {
+    let (oha, mitmdump) = tools()?;
+    let dir = bench_tls::scratch()?;
+    let result = measure(&dir, &oha, &mitmdump, cgroup_dir, cgroup_name);
+    let _ = std::fs::remove_dir_all(&dir);
+    let (section, svg) = result?;
+    println!("{section}");
+    if write {
+        let svg_path = workspace_root().join("docs/benchmarks-latency.svg");
+        std::fs::write(&svg_path, svg)?;
+        crate::bench::write_section(COMPARISON_HEADING, &section)?;
+        eprintln!("xtask bench compare: wrote BENCHMARKS.md and {}", svg_path.display());
+    }
+    Ok(())
+}
+
+/// The heading of this command's section in BENCHMARKS.md.
+pub const COMPARISON_HEADING: &str = "## Comparison: direct, nginx, wl, mitmproxy";
+
+fn measure(
+    dir: &Path,
+    oha: &Path,
+    mitmdump: &Path,
+    cgroup_dir: &Path,
+    cgroup_name: &str,
+) -> anyhow::Result<(String, String)> {
+    bench_tls::pki(dir)?;
+    std::fs::write(dir.join("nginx.conf"), bench_tls::nginx_conf(dir))?;
+    let proxy_hosts = dir.join("hosts-proxies");
+    std::fs::write(
+        &proxy_hosts,
+        format!("127.0.0.1 localhost\n{} {HOST} {CRED_HOST}\n", bench_tls::UPSTREAM_IP),
+    )?;
+    let os = |s: &str| std::ffi::OsString::from(s);
+
+    let nginx =
+        start("nginx", &proxy_hosts, &[&os("nginx"), &os("-c"), dir.join("nginx.conf").as_os_str()], &[])?;
+    bench_tls::wait_port(&format!("{}:443", bench_tls::UPSTREAM_IP))?;
+    bench_tls::wait_port(&format!("{}:443", bench_tls::NGINX_PROXY_IP))?;
+
+    let wl_config = dir.join("wl.toml");
+    std::fs::write(
+        &wl_config,
+        format!(
+            "state_dir = {state:?}\n[intercept]\ncgroups = [{cgroup_name:?}]\nports = [443]\nlisten = [\"127.0.0.1:0\"]\n\
+             [connect]\nlisten = {WL_CONNECT:?}\n\
+             [audit]\npath = {audit:?}\n[tls]\nupstream_extra_roots = [{root:?}]\n\
+             [broker]\nstate_dir = {broker_state:?}\nsocket = {socket:?}\naudit = {broker_audit:?}\npolicy_dir = {none:?}\n\
+             [[credential]]\nhost = {CRED_HOST:?}\nsecret = \"bench\"\nheader = \"x-api-key\"\nformat = \"{{secret}}\"\n",
+            socket = dir.join("broker.sock").display().to_string(),
+            broker_state = dir.join("state/broker").display().to_string(),
+            broker_audit = dir.join("broker-audit.jsonl").display().to_string(),
+            none = dir.join("no-broker-policies").display().to_string(),
+            state = dir.join("state").display().to_string(),
+            audit = dir.join("audit.jsonl").display().to_string(),
+            root = dir.join("root.pem").display().to_string(),
+        ),
+    )?;
+    let release = workspace_root().join("target/release");
+    let broker = start(
+        "broker",
+        &proxy_hosts,
+        &[release.join("wl-daemon").as_os_str(), &os("broker"), &os("--config"), wl_config.as_os_str()],
+        &[("WL_LOG", "warn")],
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !dir.join("broker.sock").exists() {
+        if Instant::now() > deadline {
+            bail!("the broker did not come up");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut put = Command::new(release.join("wlctl"))
+        .arg("--config")
+        .arg(&wl_config)
+        .args(["secret", "put", "bench", "--host", CRED_HOST])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()?;
+    std::io::Write::write_all(
+        &mut put.stdin.take().context("stdin")?,
+        b"sk-bench-0123456789abcdef0123456789abcdef\n",
+    )?;
+    if !put.wait()?.success() {
+        bail!("wlctl secret put failed");
+    }
+    let wl = start(
+        "wl",
+        &proxy_hosts,
+        &[release.join("wl-daemon").as_os_str(), &os("run"), &os("--config"), wl_config.as_os_str()],
+        &[("WL_LOG", "warn")],
+    )?;
+    bench_tls::wait_port(WL_CONNECT)?;
+
+    let mitm = start(
+        "mitmproxy",
+        &proxy_hosts,
+        &[
+            mitmdump.as_os_str(),
+            &os("--mode"),
+            &os("regular"),
+            &os("--listen-host"),
+            &os(MITM_LISTEN.split(':').next().unwrap_or_default()),
+            &os("--listen-port"),
+            &os(MITM_LISTEN.rsplit(':').next().unwrap_or_default()),
+            &os("--set"),
+            &os(&format!("confdir={}", dir.join("mitmproxy").display())),
+            &os("--set"),
+            &os(&format!("ssl_verify_upstream_trusted_ca={}", dir.join("root.pem").display())),
+            &os("--quiet"),
+        ],
+        &[],
+    )?;
+    bench_tls::wait_port(MITM_LISTEN)?;
+
+    let pid_of = |which: &str| -> Vec<u32> {
+        match which {
+            "nginx" => tree(nginx.0.id()),
+            "wl" => tree(wl.0.id()),
+            "wl+broker" => [tree(wl.0.id()), tree(broker.0.id())].concat(),
+            "mitmproxy" => tree(mitm.0.id()),
+            _ => Vec::new(),
+        }
+    };
+
+    let sse_url = |s: &System| format!("https://{}/v1/sse", s.host);
+    let mut samples: Vec<Samples> = SYSTEMS.iter().map(|_| Samples::default()).collect();
+    for round in 0..ROUNDS {
+        eprintln!("xtask bench compare: round {} of {ROUNDS}", round + 1);
+        for (i, system) in SYSTEMS.iter().enumerate() {
+            let prefix = client_prefix(dir, system, cgroup_dir)?;
+            let pids = system.proxy.map(pid_of).unwrap_or_default();
+            let cpu_before = cpu_us(&pids);
+            let load = oha_run(oha, &prefix, system, &format!("-z {LOAD_SECONDS}s -c {CONNECTIONS}"))?;
+            let cpu_after = cpu_us(&pids);
+            samples[i].keep_alive.push(load);
+            if system.proxy.is_some() {
+                samples[i].cpu_us_per_request.push((cpu_after - cpu_before) / load.requests);
+            }
+            samples[i].one.push(oha_run(oha, &prefix, system, &format!("-z {SHORT_SECONDS}s -c 1"))?);
+            samples[i].new_conn.push(oha_run(
+                oha,
+                &prefix,
+                system,
+                &format!("-z {SHORT_SECONDS}s -c 1 --disable-keepalive"),
+            )?);
+            let proxy = match system.route {
+                Route::Proxy(addr) => format!("-x http://{addr}"),
+                _ => String::new(),
+            };
+            for _ in 0..SSE_SAMPLES / ROUNDS + 1 {
+                let t = client(
+                    &prefix,
+                    &format!(
+                        "curl -sk {proxy} -o /dev/null -w '%{{time_starttransfer}}' {}",
+                        sse_url(system)
+                    ),
+                )?;
+                samples[i].sse_ms.push(t.trim().parse::<f64>().context("curl's time")? * 1000.0);
+            }
+        }
+    }
+    let rss: BTreeMap<&str, f64> = ["nginx", "wl", "wl+broker", "mitmproxy"]
+        .into_iter()
+        .map(|w| (w, peak_rss_mib(&pid_of(w))))
+        .collect();
+
+    // wl with 10,000 open keep-alive connections (its peak memory; requests rate-limited).
+    let transparent = &SYSTEMS[2];
+    let prefix = client_prefix(dir, transparent, cgroup_dir)?;
+    let many = oha_run(oha, &prefix, transparent, &format!("-z 15s -c {MANY_CONNECTIONS} -q 4000"));
+    let rss_many = peak_rss_mib(&pid_of("wl"));
+    let many_note = match many {
+        Ok(l) => format!("{:.0} requests over 15 s", l.requests),
+        Err(e) => format!("the run reported: {e}"),
+    };
+
+    Ok(report(&samples, &rss, rss_many, &many_note, oha))
+}
+
+/// Medians over a range of rounds.
+struct Summary {
+    rps: f64,
+    p50: f64,
+    p99: f64,
+    p999: f64,
+    one_p50: f64,
+    new_p50: f64,
+    sse_ms: f64,
+    cpu_us: f64,
+}
+
+fn summarize(s: &Samples, rounds: std::ops::Range<usize>) -> Summary {
+    let pick = |v: &[Load], f: fn(&Load) -> f64| median(v[rounds.clone()].iter().map(f).collect());
+    let per_round = (SSE_SAMPLES / ROUNDS) + 1;
+    Summary {
+        rps: pick(&s.keep_alive, |l| l.rps),
+        p50: pick(&s.keep_alive, |l| l.p50),
+        p99: pick(&s.keep_alive, |l| l.p99),
+        p999: pick(&s.keep_alive, |l| l.p999),
+        one_p50: pick(&s.one, |l| l.p50),
+        new_p50: pick(&s.new_conn, |l| l.p50),
+        sse_ms: median(s.sse_ms[rounds.start * per_round..rounds.end * per_round].to_vec()),
+        cpu_us: if s.cpu_us_per_request.is_empty() {
+            f64::NAN
+        } else {
+            median(s.cpu_us_per_request[rounds].to_vec())
+        },
+    }
+}
+
+fn report(
+    samples: &[Samples],
+    rss: &BTreeMap<&str, f64>,
+    rss_many: f64,
+    many_note: &str,
+    oha: &Path,
+) -> (String, String) {
+    let all: Vec<Summary> = samples.iter().map(|s| summarize(s, 0..ROUNDS)).collect();
+    let runs: [Vec<Summary>; 2] = [
+        samples.iter().map(|s| summarize(s, 0..ROUNDS / 2)).collect(),
+        samples.iter().map(|s| summarize(s, ROUNDS / 2..ROUNDS)).collect(),
+    ];
+    let idx = |name: &str| SYSTEMS.iter().position(|s| s.name == name).expect("a system of the table");
+    let (direct, nginx, wl, wl_cred, mitm) = (
+        idx("direct"),
+        idx("nginx proxy"),
+        idx("wl transparent"),
+        idx("wl transparent + credential"),
+        idx("mitmproxy 11"),
+    );
+    let oha_version = Command::new(oha)
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let tool_version = |cmd: &str| {
+        Command::new("sh")
+            .arg("-c")
+            .arg(cmd)
+            .output()
+            .map(|o| {
+                let t =
+                    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+                t.lines().next().unwrap_or("").trim().to_string()
+            })
+            .unwrap_or_default()
+    };
+    let mitm_version =
+        tool_version(&format!("{} --version", cache_dir().join("bench/mitmproxy/bin/mitmdump").display()));
+    let nginx_version = tool_version("nginx -v");
+
+    let mut s = String::new();
+    let _ = write!(
+        s,
+        "{COMPARISON_HEADING}\n\n{machine}\
+         Command: `cargo xtask bench compare`. Upstream: nginx {nginx_version}, TLS, serving a 1.2 KB chat completion \
+         (`/v1/chat/completions`) and a server-sent-events body (`/v1/sse`). Generator: {oha_version} \
+         (`--insecure` for every system alike), pinned to CPU 0; proxies and upstream pinned to CPU 1. \
+         mitmproxy {mitm_version}, regular mode. wl: release build, `observe`, audit trail on, the built-in \
+         policies; \"+ credential\" adds a key from the broker (SCT issue and redeem) to every request. \
+         {ROUNDS} rounds in turns (each system's runs back to back, then the next system); medians. \
+         Keep-alive: {CONNECTIONS} connections for {LOAD_SECONDS} s. One connection and new connection per \
+         request: {SHORT_SECONDS} s each. SSE: curl's time to the first byte on a new connection. CPU: the \
+         proxy's processes' user + system time over the keep-alive run divided by its requests. RSS: peak \
+         (VmHWM) over the whole run.\n\n\
+         ![latency percentiles per system](docs/benchmarks-latency.svg)\n\n\
+         | system | keep-alive req/s | p50 ms | p99 ms | p99.9 ms | 1 connection p50 ms | new connection p50 ms | SSE first byte ms | proxy CPU µs/request |\n\
+         |---|---|---|---|---|---|---|---|---|\n",
+        machine = crate::bench::machine_description(),
+    );
+    for (i, sys) in SYSTEMS.iter().enumerate() {
+        let a = &all[i];
+        let _ = writeln!(
+            s,
+            "| {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.3} | {:.3} | {:.2} | {} |",
+            sys.name,
+            a.rps,
+            a.p50,
+            a.p99,
+            a.p999,
+            a.one_p50,
+            a.new_p50,
+            a.sse_ms,
+            if a.cpu_us.is_nan() { "-".to_string() } else { format!("{:.0}", a.cpu_us) }
+        );
+    }
+    let _ = write!(s, "\nRatios of keep-alive throughput, per run (rounds 1-{} and {}-{}):\n\n| system | to direct | | to nginx | |\n|---|---|---|---|---|\n", ROUNDS / 2, ROUNDS / 2 + 1, ROUNDS);
+    let mut worst_disagreement: f64 = 0.0;
+    for (i, sys) in SYSTEMS.iter().enumerate() {
+        let r = |run: &[Summary], base: usize| run[i].rps / run[base].rps;
+        let (d1, d2) = (r(&runs[0], direct), r(&runs[1], direct));
+        let (n1, n2) = (r(&runs[0], nginx), r(&runs[1], nginx));
+        for (a, b) in [(d1, d2), (n1, n2)] {
+            worst_disagreement = worst_disagreement.max((a - b).abs() / a.max(b));
+        }
+        let _ = writeln!(s, "| {} | {d1:.3} | {d2:.3} | {n1:.3} | {n2:.3} |", sys.name);
+    }
+    let _ = writeln!(
+        s,
+        "\nThe two runs' ratios differ by at most {:.0}% (goal: within 15%).\n",
+        worst_disagreement * 100.0
+    );
+    let _ = write!(
+        s,
+        "Peak RSS: nginx {:.1} MiB, wl {:.1} MiB (broker {:.1} MiB more), mitmproxy {:.1} MiB. wl with {MANY_CONNECTIONS} open keep-alive connections: {rss_many:.1} MiB ({many_note}).\n\n",
+        rss["nginx"],
+        rss["wl"],
+        rss["wl+broker"] - rss["wl"],
+        rss["mitmproxy"],
+    );
+    let met = |ok: bool| if ok { "met" } else { "not met" };
+    let (w, c, n, d, m) = (&all[wl], &all[wl_cred], &all[nginx], &all[direct], &all[mitm]);
+    let _ = write!(
+        s,
+        "| goal (wl transparent) | measured | |\n|---|---|---|\n\
+         | keep-alive throughput ≥ 90% of nginx's | {:.0}% ({:.0}% with credential) | {} |\n\
+         | keep-alive throughput ≥ 30x mitmproxy's | {:.1}x ({:.1}x with credential) | {} |\n\
+         | one keep-alive connection: < 0.1 ms added at p50 | {:+.3} ms | {} |\n\
+         | the same with credential injection: < 0.2 ms | {:+.3} ms | {} |\n\
+         | new connection (leaf cached): < 0.3 ms added | {:+.3} ms | {} |\n\
+         | peak RSS < 30 MiB at that load | {:.1} MiB | {} |\n\
+         | peak RSS < 150 MiB with {MANY_CONNECTIONS} connections | {rss_many:.1} MiB | {} |\n\
+         | proxy CPU per request ≤ nginx's + 50% | {:.0} µs vs {:.0} µs | {} |\n",
+        w.rps / n.rps * 100.0,
+        c.rps / n.rps * 100.0,
+        met(w.rps >= 0.9 * n.rps),
+        w.rps / m.rps,
+        c.rps / m.rps,
+        met(w.rps >= 30.0 * m.rps),
+        w.one_p50 - d.one_p50,
+        met(w.one_p50 - d.one_p50 < 0.1),
+        c.one_p50 - d.one_p50,
+        met(c.one_p50 - d.one_p50 < 0.2),
+        w.new_p50 - d.new_p50,
+        met(w.new_p50 - d.new_p50 < 0.3),
+        rss["wl"],
+        met(rss["wl"] < 30.0),
+        met(rss_many < 150.0),
+        w.cpu_us,
+        n.cpu_us,
+        met(w.cpu_us <= 1.5 * n.cpu_us),
+    );
+    (s, svg(&all))
+}
+
+/// Grouped bars of p50, p99 and p99.9 (keep-alive, log scale) per system.
+fn svg(all: &[Summary]) -> String {
+    let (w, h, left, top, bottom) = (900.0, 420.0, 70.0, 30.0, 90.0);
+    let plot_h = h - top - bottom;
+    let max = all.iter().map(|a| a.p999).filter(|v| v.is_finite()).fold(1.0_f64, f64::max);
+    let (lo, hi) = (0.1_f64.log10(), (max * 1.5).log10());
+    let y = |v: f64| top + plot_h * (1.0 - ((v.max(0.1)).log10() - lo) / (hi - lo));
+    let group_w = (w - left - 20.0) / all.len() as f64;
+    let colors = ["#4e79a7", "#f28e2b", "#e15759"];
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"{left}\" y=\"18\" font-size=\"14\">Keep-alive latency at {CONNECTIONS} connections (ms, log scale): p50, p99, p99.9</text>\n"
+    );
+    let mut tick = 0.1;
+    while tick <= max * 1.5 {
+        let ty = y(tick);
+        let _ = writeln!(s, "<line x1=\"{left}\" x2=\"{}\" y1=\"{ty:.1}\" y2=\"{ty:.1}\" stroke=\"#ddd\"/><text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{tick}</text>", w - 20.0, left - 6.0, ty + 4.0);
+        tick *= 10.0;
+    }
+    for (i, (a, sys)) in all.iter().zip(SYSTEMS.iter()).enumerate() {
+        let x0 = left + i as f64 * group_w + group_w * 0.15;
+        let bar = group_w * 0.7 / 3.0;
+        for (j, v) in [a.p50, a.p99, a.p999].into_iter().enumerate() {
+            if !v.is_finite() {
+                continue;
+            }
+            let x = x0 + j as f64 * bar;
+            let _ = writeln!(
+                s,
+                "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"{}\"><title>{} {}: {v:.2} ms</title></rect>",
+                y(v),
+                bar - 2.0,
+                (top + plot_h - y(v)).max(0.0),
+                colors[j],
+                sys.name,
+                ["p50", "p99", "p99.9"][j]
+            );
+        }
+        let _ = writeln!(
+            s,
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>",
+            x0 + group_w * 0.35,
+            top + plot_h + 18.0,
+            sys.name.replace('&', "&amp;")
+        );
+    }
+    for (j, label) in ["p50", "p99", "p99.9"].iter().enumerate() {
+        let x = left + j as f64 * 80.0;
+        let _ = writeln!(s, "<rect x=\"{x}\" y=\"{}\" width=\"12\" height=\"12\" fill=\"{}\"/><text x=\"{}\" y=\"{}\">{label}</text>", h - 30.0, colors[j], x + 16.0, h - 20.0);
+    }
+    s.push_str("</svg>\n");
+    s
+}
