@@ -525,9 +525,14 @@ fn report(
             })
             .unwrap_or_default()
     };
+    // "Mitmproxy: 11.0.2" and "nginx version: nginx/1.22.1": the versions alone.
     let mitm_version =
-        tool_version(&format!("{} --version", cache_dir().join("bench/mitmproxy/bin/mitmdump").display()));
-    let nginx_version = tool_version("nginx -v");
+        tool_version(&format!("{} --version", cache_dir().join("bench/mitmproxy/bin/mitmdump").display()))
+            .rsplit(' ')
+            .next()
+            .unwrap_or_default()
+            .to_string();
+    let nginx_version = tool_version("nginx -v").rsplit('/').next().unwrap_or_default().to_string();
 
     let mut s = String::new();
     let _ = write!(
