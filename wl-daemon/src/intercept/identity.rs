@@ -69,12 +69,18 @@ impl IdentityResolver {
         }
     }
 
-    /// The identity behind a loopback TCP client of an explicit listener, where no kernel
-    /// record exists: the socket's owner from `/proc/net/tcp{,6}`, the process holding it
-    /// from `/proc/*/fd`. `None` when the socket is not local or already gone.
-    pub fn resolve_tcp_peer(&self, peer: std::net::SocketAddr) -> Option<AgentIdentity> {
-        let (uid, inode) = find_tcp_socket(peer)?;
-        let Some(pid) = find_pid_holding(inode) else {
+    /// The identity behind a loopback TCP client of an explicit listener (`peer`, accepted
+    /// on `local`), where no kernel record exists: the socket's owner and inode from
+    /// `sock_diag` (`/proc/net/tcp{,6}` if that fails), the process holding it from
+    /// `/proc/*/fd` of that owner's processes. `None` when the socket is not local or
+    /// already gone.
+    pub fn resolve_tcp_peer(
+        &self,
+        peer: std::net::SocketAddr,
+        local: std::net::SocketAddr,
+    ) -> Option<AgentIdentity> {
+        let (uid, inode) = super::sockdiag::lookup(peer, local).or_else(|| find_tcp_socket(peer))?;
+        let Some(pid) = find_pid_holding(inode, uid) else {
             // The uid is still worth recording.
             return Some(AgentIdentity {
                 pid: 0,
@@ -121,7 +127,7 @@ impl IdentityResolver {
 }
 
 /// Finds the TCP socket whose local address is `addr`: (owner uid, inode).
-fn find_tcp_socket(addr: std::net::SocketAddr) -> Option<(u32, u64)> {
+pub(super) fn find_tcp_socket(addr: std::net::SocketAddr) -> Option<(u32, u64)> {
     let file = if addr.is_ipv4() { "/proc/net/tcp" } else { "/proc/net/tcp6" };
     let text = std::fs::read_to_string(file).ok()?;
     text.lines().skip(1).find_map(|line| {
@@ -150,12 +156,15 @@ pub fn parse_proc_net_addr(field: &str) -> Option<std::net::SocketAddr> {
     Some(std::net::SocketAddr::new(ip, port))
 }
 
-/// The process with a descriptor on socket `inode` (scans /proc; bounded by the host).
-fn find_pid_holding(inode: u64) -> Option<u32> {
+/// The process of user `uid` with a descriptor on socket `inode` (scans that user's
+/// processes in /proc; bounded by the host).
+fn find_pid_holding(inode: u64, uid: u32) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt as _;
     let target = format!("socket:[{inode}]");
     std::fs::read_dir("/proc").ok()?.flatten().find_map(|proc_entry| {
         let pid: u32 = proc_entry.file_name().to_str()?.parse().ok()?;
-        if pid == std::process::id() {
+        // /proc/PID belongs to the process's effective uid, which owns its sockets.
+        if pid == std::process::id() || proc_entry.metadata().ok()?.uid() != uid {
             return None;
         }
         let fds = std::fs::read_dir(proc_entry.path().join("fd")).ok()?;

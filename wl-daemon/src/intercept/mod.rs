@@ -10,6 +10,7 @@
 
 pub mod cgroup;
 pub mod identity;
+mod sockdiag;
 
 use std::{
     collections::BTreeSet,

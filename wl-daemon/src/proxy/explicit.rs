@@ -47,7 +47,8 @@ pub async fn serve_reverse(
             let mut record = ConnectionRecord::new(conn_id, cfg.listen.to_string(), peer);
             record.action = "terminate";
             record.host = Some(cfg.host.clone());
-            let agent = shared.identities.resolve_tcp_peer(peer);
+            let local = stream.local_addr().unwrap_or(cfg.listen);
+            let agent = shared.identities.resolve_tcp_peer(peer, local);
             record.agent = agent.clone();
             let outcome = tokio::select! {
                 r = reverse_conn(stream, &cfg, agent, conn_id, &shared, &mut record) => r,
@@ -169,7 +170,10 @@ async fn connect_request(
         let mut record = ConnectionRecord::new(conn_id, listener, peer);
         record.dst = Some(dst.to_string());
         record.host = Some(host.clone());
-        let agent = shared.identities.resolve_tcp_peer(peer);
+        // The listener's address is the accepted socket's (listeners are on loopback
+        // addresses, never unspecified ones).
+        let local = record.listener.parse().unwrap_or(peer);
+        let agent = shared.identities.resolve_tcp_peer(peer, local);
         record.agent = agent.clone();
         let outcome = tokio::select! {
             r = tunnel(upgrade, host, dst, agent, conn_id, &shared, &mut record) => r,
