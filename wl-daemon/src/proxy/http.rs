@@ -125,8 +125,33 @@ impl ConnContext {
     }
 }
 
-/// Serves HTTP/1.1 and HTTP/2 (with upgrades) on `io` until the client is done.
-pub async fn serve<IO>(io: IO, ctx: Arc<ConnContext>) -> Result<(), String>
+/// Which HTTP the agent speaks on a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    /// HTTP/1.1 (TLS ALPN `http/1.1`, or no ALPN).
+    Http1,
+    /// HTTP/2 (TLS ALPN `h2`).
+    Http2,
+    /// Plain TCP: HTTP/1.1, or HTTP/2 with prior knowledge, told apart by the first bytes.
+    Detect,
+}
+
+impl Protocol {
+    /// From the ALPN protocol the TLS handshake settled on. HTTP/2 over TLS is always
+    /// negotiated (RFC 9113, 3.2); without ALPN a TLS client speaks HTTP/1.1.
+    pub fn from_alpn(alpn: Option<&[u8]>) -> Self {
+        if alpn == Some(b"h2") {
+            Self::Http2
+        } else {
+            Self::Http1
+        }
+    }
+}
+
+/// Serves HTTP on `io` until the client is done (HTTP/1.1 with upgrades, or HTTP/2). A
+/// known protocol gets its own connection type: the version-detecting one costs about
+/// 8 KB more per connection and a read before the first request.
+pub async fn serve<IO>(io: IO, ctx: Arc<ConnContext>, protocol: Protocol) -> Result<(), String>
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -134,12 +159,28 @@ where
         let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(handle(req, ctx).await) }
     });
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(std::time::Duration::from_secs(60));
-    builder.serve_connection_with_upgrades(TokioIo::new(io), service).await.map_err(|e| e.to_string())
+    let io = TokioIo::new(io);
+    let timer = hyper_util::rt::TokioTimer::new();
+    let header_timeout = std::time::Duration::from_secs(60);
+    match protocol {
+        Protocol::Http1 => hyper::server::conn::http1::Builder::new()
+            .timer(timer)
+            .header_read_timeout(header_timeout)
+            .serve_connection(io, service)
+            .with_upgrades()
+            .await
+            .map_err(|e| e.to_string()),
+        Protocol::Http2 => hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(timer)
+            .serve_connection(io, service)
+            .await
+            .map_err(|e| e.to_string()),
+        Protocol::Detect => {
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder.http1().timer(timer).header_read_timeout(header_timeout);
+            builder.serve_connection_with_upgrades(io, service).await.map_err(|e| e.to_string())
+        }
+    }
 }
 
 /// Lower-cased host without port or trailing dot.

@@ -271,7 +271,7 @@ async fn dispatch(
                 http::Scheme::Http,
                 shared.clone(),
             ));
-            let result = http::serve(agent, ctx.clone()).await;
+            let result = http::serve(agent, ctx.clone(), http::Protocol::Detect).await;
             record.requests = ctx.requests();
             result
         }
@@ -294,7 +294,8 @@ where
         .await
         .map_err(|_| format!("TLS handshake not finished within {:?}", shared.tls.handshake_timeout))?
         .map_err(|e| format!("TLS handshake with the agent failed: {e}"))?;
-    http::serve(tls, ctx).await
+    let protocol = http::Protocol::from_alpn(tls.get_ref().1.alpn_protocol());
+    http::serve(tls, ctx, protocol).await
 }
 
 /// Decides `Connect`; in enforce a denial ends the connection (the caller drops it).

@@ -78,6 +78,9 @@ pub struct Pools {
 /// Host, port and destination address.
 type PoolKey = (String, u16, SocketAddr);
 
+/// Idle connections kept per upstream (host, destination).
+const MAX_IDLE_PER_UPSTREAM: usize = 256;
+
 /// All upstream pools.
 pub struct Upstreams {
     tls: rustls::ClientConfig,
@@ -114,7 +117,9 @@ impl Upstreams {
             }
         };
         let mut builder = Client::builder(TokioExecutor::new());
-        builder.pool_idle_timeout(Duration::from_secs(90)).pool_max_idle_per_host(64);
+        // Idle connections kept per upstream: enough for bursts from many agents, so that a
+        // burst does not open (TLS handshake) and then close connections by the thousand.
+        builder.pool_idle_timeout(Duration::from_secs(90)).pool_max_idle_per_host(MAX_IDLE_PER_UPSTREAM);
         let pools = Pools {
             tls: builder.build(https(true)),
             tls_h1: builder.build(https(false)),
