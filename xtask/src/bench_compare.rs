@@ -22,13 +22,12 @@ use std::{
     fmt::Write as _,
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context as _};
 
 use crate::{
-    bench_tls::{self, Proc},
+    bench_tls::{self, Proc, CRED_HOST, HOST},
     run_cmd,
     setup::cache_dir,
     workspace_root,
@@ -40,9 +39,6 @@ const SHORT_SECONDS: u32 = 3;
 const CONNECTIONS: u32 = 32;
 const MANY_CONNECTIONS: u32 = 10_000;
 const SSE_SAMPLES: usize = 15;
-/// The governed name without a credential, and one with (same upstream).
-const HOST: &str = "api.openai.com";
-const CRED_HOST: &str = "api.anthropic.com";
 const WL_CONNECT: &str = "127.0.2.4:3128";
 const MITM_LISTEN: &str = "127.0.2.5:8080";
 
@@ -318,23 +314,8 @@ fn measure(
     bench_tls::wait_port(&format!("{}:443", bench_tls::NGINX_PROXY_IP))?;
 
     let wl_config = dir.join("wl.toml");
-    std::fs::write(
-        &wl_config,
-        format!(
-            "state_dir = {state:?}\n[intercept]\ncgroups = [{cgroup_name:?}]\nports = [443]\nlisten = [\"127.0.0.1:0\"]\n\
-             [connect]\nlisten = {WL_CONNECT:?}\n\
-             [audit]\npath = {audit:?}\n[tls]\nupstream_extra_roots = [{root:?}]\n\
-             [broker]\nstate_dir = {broker_state:?}\nsocket = {socket:?}\naudit = {broker_audit:?}\npolicy_dir = {none:?}\n\
-             [[credential]]\nhost = {CRED_HOST:?}\nsecret = \"bench\"\nheader = \"x-api-key\"\nformat = \"{{secret}}\"\n",
-            socket = dir.join("broker.sock").display().to_string(),
-            broker_state = dir.join("state/broker").display().to_string(),
-            broker_audit = dir.join("broker-audit.jsonl").display().to_string(),
-            none = dir.join("no-broker-policies").display().to_string(),
-            state = dir.join("state").display().to_string(),
-            audit = dir.join("audit.jsonl").display().to_string(),
-            root = dir.join("root.pem").display().to_string(),
-        ),
-    )?;
+    let connect = format!("[connect]\nlisten = {WL_CONNECT:?}\n");
+    std::fs::write(&wl_config, bench_tls::wl_config_text(dir, cgroup_name, &connect))?;
     let release = workspace_root().join("target/release");
     let broker = start(
         "broker",
@@ -342,27 +323,7 @@ fn measure(
         &[release.join("wl-daemon").as_os_str(), &os("broker"), &os("--config"), wl_config.as_os_str()],
         &[("WL_LOG", "warn")],
     )?;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !dir.join("broker.sock").exists() {
-        if Instant::now() > deadline {
-            bail!("the broker did not come up");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let mut put = Command::new(release.join("wlctl"))
-        .arg("--config")
-        .arg(&wl_config)
-        .args(["secret", "put", "bench", "--host", CRED_HOST])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()?;
-    std::io::Write::write_all(
-        &mut put.stdin.take().context("stdin")?,
-        b"sk-bench-0123456789abcdef0123456789abcdef\n",
-    )?;
-    if !put.wait()?.success() {
-        bail!("wlctl secret put failed");
-    }
+    bench_tls::store_bench_secret(dir, &wl_config)?;
     let wl = start(
         "wl",
         &proxy_hosts,

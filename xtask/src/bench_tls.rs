@@ -18,9 +18,9 @@ use crate::{run_cmd, workspace_root};
 const ROUNDS: usize = 3;
 const SECONDS: u32 = 5;
 const CONNECTIONS: u32 = 32;
-const HOST: &str = "api.openai.com";
+pub const HOST: &str = "api.openai.com";
 /// A second name of the same upstream, with a `[[credential]]`: the same path plus injection.
-const CRED_HOST: &str = "api.anthropic.com";
+pub const CRED_HOST: &str = "api.anthropic.com";
 /// A third name of the same upstream, in `enforce` (per-host mode): every request's
 /// decision is fsynced before it is forwarded.
 const ENFORCE_HOST: &str = "api.mistral.ai";
@@ -193,6 +193,53 @@ fn median_of(v: &[Wrk]) -> Wrk {
     }
 }
 
+/// wl's configuration for the benchmarks: state and trails under `dir`, interception of
+/// port 443 for `cgroup_name`, the test root for upstreams, the broker, a credential for
+/// `CRED_HOST`; `extra` adds sections (TOML tables before the credential).
+pub fn wl_config_text(dir: &Path, cgroup_name: &str, extra: &str) -> String {
+    let path = |p: &str| dir.join(p).display().to_string();
+    format!(
+        "state_dir = {state:?}\n[intercept]\ncgroups = [{cgroup_name:?}]\nports = [443]\nlisten = [\"127.0.0.1:0\"]\n\
+         [audit]\npath = {audit:?}\n[tls]\nupstream_extra_roots = [{root:?}]\n{extra}\
+         [broker]\nstate_dir = {broker_state:?}\nsocket = {socket:?}\naudit = {broker_audit:?}\npolicy_dir = {none:?}\n\
+         [[credential]]\nhost = {CRED_HOST:?}\nsecret = \"bench\"\nheader = \"x-api-key\"\nformat = \"{{secret}}\"\n",
+        socket = path("broker.sock"),
+        broker_state = path("state/broker"),
+        broker_audit = path("broker-audit.jsonl"),
+        none = path("no-broker-policies"),
+        state = path("state"),
+        audit = path("audit.jsonl"),
+        root = path("root.pem"),
+    )
+}
+
+/// Waits for the broker started on `wl_config` and stores the benchmark's secret for
+/// `CRED_HOST`.
+pub fn store_bench_secret(dir: &Path, wl_config: &Path) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !dir.join("broker.sock").exists() {
+        if Instant::now() > deadline {
+            bail!("the broker did not come up");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut put = Command::new(workspace_root().join("target/release/wlctl"))
+        .arg("--config")
+        .arg(wl_config)
+        .args(["secret", "put", "bench", "--host", CRED_HOST])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()?;
+    std::io::Write::write_all(
+        &mut put.stdin.take().context("stdin")?,
+        b"sk-bench-0123456789abcdef0123456789abcdef\n",
+    )?;
+    if !put.wait()?.success() {
+        bail!("wlctl secret put failed");
+    }
+    Ok(())
+}
+
 /// Runs the comparison. `hooked` is an intercepted cgroup directory (wl attached to it).
 pub fn run(dir: &Path, cgroup_dir: &Path, cgroup_name: &str) -> anyhow::Result<Results> {
     tools()?;
@@ -224,24 +271,11 @@ pub fn run(dir: &Path, cgroup_dir: &Path, cgroup_name: &str) -> anyhow::Result<R
     }
     std::fs::write(policies.join("many.cedar"), many)?;
     let wl_config = dir.join("wl.toml");
-    std::fs::write(
-        &wl_config,
-        format!(
-            "state_dir = {state:?}\n[intercept]\ncgroups = [{cgroup_name:?}]\nports = [443]\nlisten = [\"127.0.0.1:0\"]\n\
-             [audit]\npath = {audit:?}\n[tls]\nupstream_extra_roots = [{root:?}]\n\
-             [policy]\ndir = {policies:?}\nhost_modes = {{ {ENFORCE_HOST:?} = \"enforce\" }}\n\
-             [broker]\nstate_dir = {broker_state:?}\nsocket = {socket:?}\naudit = {broker_audit:?}\npolicy_dir = {none:?}\n\
-             [[credential]]\nhost = {CRED_HOST:?}\nsecret = \"bench\"\nheader = \"x-api-key\"\nformat = \"{{secret}}\"\n",
-            socket = dir.join("broker.sock").display().to_string(),
-            policies = dir.join("policies").display().to_string(),
-            broker_state = dir.join("state/broker").display().to_string(),
-            broker_audit = dir.join("broker-audit.jsonl").display().to_string(),
-            none = dir.join("no-broker-policies").display().to_string(),
-            state = dir.join("state").display().to_string(),
-            audit = dir.join("audit.jsonl").display().to_string(),
-            root = dir.join("root.pem").display().to_string(),
-        ),
-    )?;
+    let policy = format!(
+        "[policy]\ndir = {:?}\nhost_modes = {{ {ENFORCE_HOST:?} = \"enforce\" }}\n",
+        dir.join("policies").display().to_string()
+    );
+    std::fs::write(&wl_config, wl_config_text(dir, cgroup_name, &policy))?;
     // The broker, with one secret for CRED_HOST (on the proxies' CPU).
     let _broker = Proc(
         Command::new("taskset")
@@ -254,26 +288,7 @@ pub fn run(dir: &Path, cgroup_dir: &Path, cgroup_name: &str) -> anyhow::Result<R
             .spawn()
             .context("starting wl-daemon broker")?,
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !dir.join("broker.sock").exists() {
-        if Instant::now() > deadline {
-            bail!("the broker did not come up");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let mut put = Command::new(workspace_root().join("target/release/wlctl"))
-        .arg("--config")
-        .arg(&wl_config)
-        .args(["secret", "put", "bench", "--host", CRED_HOST])
-        .stdin(Stdio::piped())
-        .spawn()?;
-    std::io::Write::write_all(
-        &mut put.stdin.take().context("stdin")?,
-        b"sk-bench-0123456789abcdef0123456789abcdef\n",
-    )?;
-    if !put.wait()?.success() {
-        bail!("wlctl secret put failed");
-    }
+    store_bench_secret(dir, &wl_config)?;
 
     let _wl = Proc(
         Command::new("taskset")
@@ -614,6 +629,35 @@ pub fn policy_eval() -> anyhow::Result<String> {
 
 #[cfg(test)]
 mod tests {
+    /// The benchmarks' configurations are valid for the wl built in this workspace.
+    #[test]
+    fn bench_configs_are_valid() {
+        // Built by `cargo xtask test` before the tests run (WL_BIN_DIR).
+        let bin_dir = std::env::var_os("WL_BIN_DIR")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| super::workspace_root().join("target/debug"));
+        let wlctl = bin_dir.join("wlctl");
+        assert!(wlctl.exists(), "{} is not built: run `cargo xtask test`", wlctl.display());
+        let dir = std::env::temp_dir().join(format!("wl-bench-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for extra in [
+            "[connect]\nlisten = \"127.0.2.4:3128\"\n",
+            "[policy]\nhost_modes = { \"api.mistral.ai\" = \"enforce\" }\n",
+        ] {
+            let path = dir.join("wl.toml");
+            std::fs::write(&path, super::wl_config_text(&dir, "/bench", extra)).unwrap();
+            let out =
+                std::process::Command::new(&wlctl).args(["config", "check"]).arg(&path).output().unwrap();
+            assert!(
+                out.status.success(),
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn parses_wrk_output() {
         let text = "Running 5s test @ https://api.openai.com/\n  1 threads and 32 connections\n\
