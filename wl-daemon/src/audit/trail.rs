@@ -62,20 +62,13 @@ pub fn checkpoint_message(seq: u64, prev: &[u8; 32]) -> Vec<u8> {
     m
 }
 
-/// Lower-case hex.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// Reads 64 hex digits.
 pub fn unhex32(s: &str) -> Option<[u8; 32]> {
     if s.len() != 64 {
         return None;
     }
     let mut out = [0u8; 32];
-    for (i, b) in out.iter_mut().enumerate() {
-        *b = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
+    hex::decode_to_slice(s, &mut out).ok()?;
     Some(out)
 }
 
@@ -86,7 +79,7 @@ pub fn key_paths(key_dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
 
 /// The key id of a checkpoint key: the first 8 bytes of SHA-256 of the public key, hex.
 pub fn kid(key: &VerifyingKey) -> String {
-    hex(&Sha256::digest(key.as_bytes())[..8])
+    hex::encode(&Sha256::digest(key.as_bytes())[..8])
 }
 
 /// Loads the checkpoint signing key, creating it (seed mode 0600, public key 0644) when
@@ -112,7 +105,7 @@ fn load_or_create_key(key_dir: &Path) -> std::io::Result<SigningKey> {
             crate::broker::store::write_atomic(&secret, seed.as_slice(), 0o600)?;
             crate::broker::store::write_atomic(
                 &public,
-                format!("{}\n", hex(key.verifying_key().as_bytes())).as_bytes(),
+                format!("{}\n", hex::encode(key.verifying_key().as_bytes())).as_bytes(),
                 0o644,
             )?;
             tracing::info!(key = %public.display(), "created the audit checkpoint key");
@@ -282,7 +275,8 @@ impl Trail {
     /// Appends one serialized line for `record` to `buf`, advancing `seq` and `head`.
     fn push_line(&mut self, buf: &mut Vec<u8>, record: &AuditRecord) {
         let start = buf.len();
-        let line = Line { time: super::now_rfc3339(), seq: self.seq + 1, prev: hex(&self.head), record };
+        let line =
+            Line { time: super::now_rfc3339(), seq: self.seq + 1, prev: hex::encode(self.head), record };
         serde_json::to_writer(&mut *buf, &line).expect("audit records always serialize");
         self.head = Sha256::digest(&buf[start..]).into();
         self.seq += 1;
@@ -336,7 +330,7 @@ impl Trail {
         let (_, _, anchor) = key_paths(&self.opts.key_dir);
         crate::broker::store::write_atomic(
             &anchor,
-            format!("{} {}\n", self.seq, hex(&self.head)).as_bytes(),
+            format!("{} {}\n", self.seq, hex::encode(self.head)).as_bytes(),
             0o644,
         )
     }

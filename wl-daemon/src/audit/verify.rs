@@ -11,7 +11,7 @@ use ed25519_dalek::{Signature, VerifyingKey};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use super::trail::{checkpoint_message, hex, kid, unhex32};
+use super::trail::{checkpoint_message, kid, unhex32};
 
 /// Where the trail went wrong.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -151,7 +151,7 @@ pub fn verify(files: &[PathBuf], key: &VerifyingKey, anchor: Option<(u64, [u8; 3
                         ));
                         return report;
                     }
-                    if head.prev != hex(&prev_hash) {
+                    if head.prev != hex::encode(prev_hash) {
                         report.problem = Some(problem(
                             Some(head.seq),
                             format!(
@@ -338,7 +338,7 @@ mod tests {
         l[cp] = String::from_utf8(bytes).unwrap();
         // Re-chain the rest, as a forger who rewrote hashes would.
         for i in cp..l.len() {
-            let prev = hex(&Sha256::digest(l[i - 1].as_bytes()));
+            let prev = hex::encode(Sha256::digest(l[i - 1].as_bytes()));
             let at = l[i].find("\"prev\":\"").unwrap() + 8;
             l[i].replace_range(at..at + 64, &prev);
         }

@@ -16,7 +16,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use super::sct::{hex, Refusal};
+use super::sct::Refusal;
 
 /// The single-use ledger.
 #[derive(Debug)]
@@ -99,7 +99,7 @@ impl Ledger {
     fn rewrite(&mut self) -> std::io::Result<()> {
         let mut text = format!("boot {}\n", self.boot_id);
         for (jti, exp) in &self.used {
-            text.push_str(&format!("{} {exp}\n", hex(jti)));
+            text.push_str(&format!("{} {exp}\n", hex::encode(jti)));
         }
         super::store::write_atomic(&self.path, text.as_bytes(), 0o600)?;
         self.file = OpenOptions::new().append(true).open(&self.path)?;
@@ -122,7 +122,7 @@ impl Ledger {
         if self.used.contains_key(jti) {
             return Ok(Err(Refusal::Replayed));
         }
-        self.file.write_all(format!("{} {expires_ms}\n", hex(jti)).as_bytes())?;
+        self.file.write_all(format!("{} {expires_ms}\n", hex::encode(jti)).as_bytes())?;
         self.used.insert(*jti, expires_ms);
         self.lines += 1;
         if self.lines > 1024 && self.lines > 2 * self.live(now_ms) {

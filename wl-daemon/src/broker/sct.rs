@@ -171,13 +171,8 @@ impl Claims {
 
     /// The jti as lower-case hex (how logs and the audit trail name a token).
     pub fn jti_hex(&self) -> String {
-        hex(&self.jti)
+        hex::encode(self.jti)
     }
-}
-
-/// Lower-case hex.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The key id of a public key: the first 8 bytes of its SHA-256.

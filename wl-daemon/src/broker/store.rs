@@ -24,7 +24,7 @@ use ed25519_dalek::{SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
-use super::sct::{hex, key_id, MAX_TTL_MS};
+use super::sct::{key_id, MAX_TTL_MS};
 
 /// The name of the systemd credential holding the store key.
 pub const CREDENTIAL_NAME: &str = "wl-store-key";
@@ -505,7 +505,8 @@ impl KeyRing {
         let mut seed = Zeroizing::new([0u8; 32]);
         getrandom::fill(seed.as_mut_slice()).expect("the kernel's randomness is available");
         let key = SigningKey::from_bytes(&seed);
-        let meta = KeyMeta { kid: hex(&key_id(&key.verifying_key())), created_ms: now_ms, retired_ms: None };
+        let meta =
+            KeyMeta { kid: hex::encode(key_id(&key.verifying_key())), created_ms: now_ms, retired_ms: None };
         Self::write(dir, sealer, &meta, seed.as_slice())?;
         Ok((key, meta))
     }

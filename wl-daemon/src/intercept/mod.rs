@@ -141,7 +141,7 @@ impl Interceptor {
             }
         }
 
-        let object_id = hex(&Sha256::digest(EBPF_OBJECT));
+        let object_id = hex::encode(Sha256::digest(EBPF_OBJECT));
         let pin_dir = cfg.pin_dir.clone();
         match cfg.fail {
             FailMode::Closed => prepare_pin_dir(&pin_dir, &object_id)?,
@@ -572,10 +572,6 @@ fn remove_stale_links(pin_dir: &Path, keep: &BTreeSet<PathBuf>) -> Result<(), In
         }
     }
     Ok(())
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// An error and its sources on one line.
