@@ -135,6 +135,11 @@ pub(super) fn guards(policy: &Policy) -> Vec<Guard> {
     out
 }
 
+/// Whether `policy` has no `when` or `unless` at all: with its scope matched, it holds.
+pub(super) fn unconditional(policy: &Policy) -> bool {
+    policy.to_json().is_ok_and(|est| est["conditions"].as_array().is_some_and(Vec::is_empty))
+}
+
 /// Do all guards hold for this request?
 pub(super) fn pass(guards: &[Guard], facts: &RequestFacts) -> bool {
     guards.iter().all(|g| {

@@ -71,8 +71,11 @@ struct Scoped {
     principal: PrincipalConstraint,
     action: ActionConstraint,
     resource: ResourceConstraint,
-    /// Leading method/path comparisons of its `when` (`guard.rs`).
+    /// Leading method/path/model comparisons of its `when` (`guard.rs`).
     guards: Vec<guard::Guard>,
+    /// Holds whenever `may_apply` says its scope matches: no condition, and a scope that
+    /// `may_apply` judges exactly (an action list could name an action group).
+    holds_in_scope: bool,
 }
 
 impl Scoped {
@@ -234,6 +237,8 @@ impl PolicyEngine {
                 action: p.action_constraint(),
                 resource: p.resource_constraint(),
                 guards: guard::guards(p),
+                holds_in_scope: guard::unconditional(p)
+                    && !matches!(p.action_constraint(), ActionConstraint::In(_)),
             })
             .collect();
         let generation = GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -242,12 +247,12 @@ impl PolicyEngine {
 
     /// Decides a connection.
     pub fn decide_connect(&self, agent: &AgentEntities, facts: &facts::ConnectFacts) -> Decision {
-        self.decide("Connect", agent, facts.to_pairs(), None)
+        self.decide("Connect", agent, || facts.to_pairs(), None)
     }
 
     /// Decides an HTTP request.
     pub fn decide_request(&self, agent: &AgentEntities, facts: &facts::RequestFacts) -> Decision {
-        self.decide("Request", agent, facts.to_pairs(), Some(facts))
+        self.decide("Request", agent, || facts.to_pairs(), Some(facts))
     }
 
     /// Decides whether `agent` may use the secret `secret` (stored for `hosts`) for one
@@ -297,15 +302,21 @@ impl PolicyEngine {
         &self,
         action_name: &'static str,
         agent: &AgentEntities,
-        context: facts::Pairs,
+        context: impl FnOnce() -> facts::Pairs,
         request_facts: Option<&facts::RequestFacts>,
     ) -> Decision {
         let action = uid("Wl::Action", action_name);
-        let request_action = action.clone();
+        let relevant = agent.relevant(self, action_name, &action);
+        if relevant.all_hold {
+            // Every relevant policy holds (no conditions; the built-in set for requests):
+            // Cedar's answer is known without building the context, which costs more
+            // than the rest of the decision.
+            return relevant.decision_without_conditions(self);
+        }
         let fail = |msg: String| Decision { allow: false, policies: Vec::new(), errors: vec![msg] };
         // The context is built by wl itself (facts.rs) and a unit test checks its shape
         // against the schema; validating it again per request would cost more than deciding.
-        let context = match Context::from_pairs(context) {
+        let context = match Context::from_pairs(context()) {
             Ok(c) => c,
             Err(e) => return fail(format!("context: {e}")),
         };
@@ -313,7 +324,6 @@ impl PolicyEngine {
             Ok(r) => r,
             Err(e) => return fail(format!("request: {e}")),
         };
-        let relevant = agent.relevant(self, action_name, &request_action);
         let guarded;
         let set = match request_facts {
             Some(facts) if relevant.guarded => {
@@ -384,6 +394,8 @@ struct Relevant {
     members: Vec<usize>,
     /// Whether any of them has guards.
     guarded: bool,
+    /// Whether every one of them holds in scope (`Scoped::holds_in_scope`).
+    all_hold: bool,
     /// Sets already built for guard outcomes (which members pass), most recent last: the
     /// requests of one connection mostly share an outcome, and building a set costs more
     /// than deciding with it.
@@ -400,6 +412,25 @@ impl std::fmt::Debug for Relevant {
 }
 
 impl Relevant {
+    /// Cedar's decision when every member holds: any forbid denies (the forbids
+    /// determine it), else any permit allows (the permits determine it), else deny.
+    fn decision_without_conditions(&self, engine: &PolicyEngine) -> Decision {
+        let ids = |effect: cedar_policy::Effect| -> Vec<String> {
+            self.members
+                .iter()
+                .map(|&i| &engine.scoped[i].policy)
+                .filter(|p| p.effect() == effect)
+                .map(|p| p.id().to_string())
+                .collect()
+        };
+        let forbids = ids(cedar_policy::Effect::Forbid);
+        if !forbids.is_empty() {
+            return Decision { allow: false, policies: forbids, errors: Vec::new() };
+        }
+        let permits = ids(cedar_policy::Effect::Permit);
+        Decision { allow: !permits.is_empty(), policies: permits, errors: Vec::new() }
+    }
+
     /// The members whose guards hold for `facts`, as a set of their own; `None` when that
     /// is all of them (use `set`).
     fn passing(&self, engine: &PolicyEngine, facts: &facts::RequestFacts) -> Option<Arc<PolicySet>> {
@@ -446,7 +477,8 @@ impl AgentEntities {
             members.push(i);
         }
         let guarded = members.iter().any(|&i| !engine.scoped[i].guards.is_empty());
-        let relevant = Arc::new(Relevant { set, members, guarded, by_outcome: Default::default() });
+        let all_hold = members.iter().all(|&i| engine.scoped[i].holds_in_scope);
+        let relevant = Arc::new(Relevant { set, members, guarded, all_hold, by_outcome: Default::default() });
         cache.retain(|(g, _, _)| *g == engine.generation);
         cache.push((engine.generation, action_name, relevant.clone()));
         relevant
@@ -761,6 +793,43 @@ mod tests {
             }
         }
         assert!(errors_seen > 0, "the erring policy was never evaluated: the test lost its edge");
+    }
+
+    /// Sets whose relevant policies all hold are decided without Cedar: the same decision
+    /// and determining policies as Cedar's, for permits, forbids, both and neither.
+    #[test]
+    fn unconditional_sets_are_decided_as_cedar_decides() {
+        let src = r#"
+            @id("all") permit(principal, action == Wl::Action::"Request", resource == Wl::Host::"api.openai.com");
+            @id("no-other") forbid(principal in Wl::Cgroup::"/other.slice", action, resource == Wl::Host::"api.openai.com");
+            @id("anthropic") permit(principal in Wl::Cgroup::"/agents.slice", action, resource == Wl::Host::"api.anthropic.com");
+        "#;
+        let engine = PolicyEngine::from_sources(&[("t.cedar".into(), src.into())], "t".into()).unwrap();
+        let mut shortcuts = 0;
+        for cgroup in ["/agents.slice/bot.service", "/other.slice/x.service"] {
+            for host in ["api.openai.com", "api.anthropic.com", "api.mistral.ai"] {
+                let agent = AgentEntities::new(Some(&agent(cgroup, 1000)), host);
+                let facts = chat(None);
+                let got = engine.decide_request(&agent, &facts);
+                shortcuts += usize::from(agent.relevant(&engine, "Request", &uid("Wl::Action", "Request")).all_hold);
+                let request = Request::new(
+                    agent.principal.clone(),
+                    uid("Wl::Action", "Request"),
+                    agent.host.clone(),
+                    Context::from_pairs(facts.to_pairs()).unwrap(),
+                    None,
+                )
+                .unwrap();
+                let r = Authorizer::new().is_authorized(&request, &engine.all, &agent.entities);
+                let mut want: Vec<String> = r.diagnostics().reason().map(|p| p.to_string()).collect();
+                let mut got_policies = got.policies.clone();
+                want.sort();
+                got_policies.sort();
+                assert_eq!(got.allow, r.decision() == cedar_policy::Decision::Allow, "{cgroup} {host}");
+                assert_eq!(got_policies, want, "{cgroup} {host}");
+            }
+        }
+        assert_eq!(shortcuts, 6, "every case here goes the short way");
     }
 
     #[test]
