@@ -811,7 +811,8 @@ mod tests {
                 let agent = AgentEntities::new(Some(&agent(cgroup, 1000)), host);
                 let facts = chat(None);
                 let got = engine.decide_request(&agent, &facts);
-                shortcuts += usize::from(agent.relevant(&engine, "Request", &uid("Wl::Action", "Request")).all_hold);
+                shortcuts +=
+                    usize::from(agent.relevant(&engine, "Request", &uid("Wl::Action", "Request")).all_hold);
                 let request = Request::new(
                     agent.principal.clone(),
                     uid("Wl::Action", "Request"),
