@@ -737,6 +737,28 @@ mod tests {
         assert!(engine.decide_request(&AgentEntities::new(None, "api.openai.com"), &chat(None)).allow);
     }
 
+    /// Cedar's own answer over the engine's whole set: (allow, sorted determining policies,
+    /// errors), with wl's rule that an error denies.
+    fn cedar_over_all(
+        engine: &PolicyEngine,
+        agent: &AgentEntities,
+        facts: &facts::RequestFacts,
+    ) -> (bool, Vec<String>, Vec<String>) {
+        let request = Request::new(
+            agent.principal.clone(),
+            uid("Wl::Action", "Request"),
+            agent.host.clone(),
+            Context::from_pairs(facts.to_pairs()).unwrap(),
+            None,
+        )
+        .unwrap();
+        let r = Authorizer::new().is_authorized(&request, &engine.all, &agent.entities);
+        let errors: Vec<String> = r.diagnostics().errors().map(|e| e.to_string()).collect();
+        let mut policies: Vec<String> = r.diagnostics().reason().map(|p| p.to_string()).collect();
+        policies.sort();
+        (r.decision() == cedar_policy::Decision::Allow && errors.is_empty(), policies, errors)
+    }
+
     /// The prefilters (scope and guards) change nothing: every decision, determining
     /// policy and error equals Cedar's over the whole set.
     #[test]
@@ -767,22 +789,9 @@ mod tests {
                         facts.method = method.into();
                         facts.path = path.into();
                         let got = engine.decide_request(&agent, &facts);
-                        let request = Request::new(
-                            agent.principal.clone(),
-                            uid("Wl::Action", "Request"),
-                            agent.host.clone(),
-                            Context::from_pairs(facts.to_pairs()).unwrap(),
-                            None,
-                        )
-                        .unwrap();
-                        let r = Authorizer::new().is_authorized(&request, &engine.all, &agent.entities);
-                        let errors: Vec<String> = r.diagnostics().errors().map(|e| e.to_string()).collect();
-                        let mut policies: Vec<String> =
-                            r.diagnostics().reason().map(|p| p.to_string()).collect();
                         let mut got_policies = got.policies.clone();
-                        policies.sort();
                         got_policies.sort();
-                        let allow = r.decision() == cedar_policy::Decision::Allow && errors.is_empty();
+                        let (allow, policies, errors) = cedar_over_all(&engine, &agent, &facts);
                         let what = format!("{cgroup} {host} {method} {path} {model:?}");
                         assert_eq!(got.allow, allow, "{what}");
                         assert_eq!(got_policies, policies, "{what}");
@@ -813,20 +822,10 @@ mod tests {
                 let got = engine.decide_request(&agent, &facts);
                 shortcuts +=
                     usize::from(agent.relevant(&engine, "Request", &uid("Wl::Action", "Request")).all_hold);
-                let request = Request::new(
-                    agent.principal.clone(),
-                    uid("Wl::Action", "Request"),
-                    agent.host.clone(),
-                    Context::from_pairs(facts.to_pairs()).unwrap(),
-                    None,
-                )
-                .unwrap();
-                let r = Authorizer::new().is_authorized(&request, &engine.all, &agent.entities);
-                let mut want: Vec<String> = r.diagnostics().reason().map(|p| p.to_string()).collect();
+                let (allow, want, _) = cedar_over_all(&engine, &agent, &facts);
                 let mut got_policies = got.policies.clone();
-                want.sort();
                 got_policies.sort();
-                assert_eq!(got.allow, r.decision() == cedar_policy::Decision::Allow, "{cgroup} {host}");
+                assert_eq!(got.allow, allow, "{cgroup} {host}");
                 assert_eq!(got_policies, want, "{cgroup} {host}");
             }
         }
