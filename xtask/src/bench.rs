@@ -262,8 +262,13 @@ pub fn run(write: bool) -> anyhow::Result<()> {
     let audit_report = crate::bench_tls::audit_trail()?;
     println!("{audit_report}");
 
-    // 6. TLS interception against direct and nginx, and leaf minting.
-    let mint = crate::bench_tls::leaf_mint()?;
+    // 6. The Criterion microbenchmarks of the hot pieces.
+    let micro = crate::bench_micro::run()?;
+    let micro_report = crate::bench_micro::report(&micro);
+    println!("{micro_report}");
+    let mint = crate::bench_micro::leaf_summary(&micro);
+
+    // 7. TLS interception against direct and nginx.
     let scratch = crate::bench_tls::scratch()?;
     let tls = crate::bench_tls::run(&scratch, &hooked.dir, &hooked.name);
     let _ = std::fs::remove_dir_all(&scratch);
@@ -283,7 +288,9 @@ pub fn run(write: bool) -> anyhow::Result<()> {
             .unwrap_or_default();
         std::fs::write(
             &path,
-            format!("{header}{kept}{report}\n{tls_report}\n{policy_report}\n{broker_report}\n{audit_report}"),
+            format!(
+                "{header}{kept}{report}\n{tls_report}\n{policy_report}\n{broker_report}\n{audit_report}\n{micro_report}"
+            ),
         )?;
         eprintln!("xtask bench: wrote {}", path.display());
     }

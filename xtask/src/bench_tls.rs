@@ -420,7 +420,7 @@ pub fn report(r: &Results, mint: &str) -> String {
          keep-alive connection {:+.3} ms at p50.\n\
          \nPolicy, whole path: 1,000 applicable policies vs the permit-all base: keep-alive throughput {:.0}%; \
          one keep-alive connection {:+.3} ms at p50.\n\
-         \nLeaf minting (`cargo bench -p wl-daemon --bench tls`): {mint}.\n",
+         \nLeaf minting (Criterion, `leaf/*` below): {mint}.\n",
         vs_nginx * 100.0,
         met(vs_nginx >= 0.9),
         vs_direct * 100.0,
@@ -445,29 +445,6 @@ fn met(ok: bool) -> &'static str {
     } else {
         "not met"
     }
-}
-
-/// Runs the leaf-minting micro-benchmark and returns its summary.
-pub fn leaf_mint() -> anyhow::Result<String> {
-    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .current_dir(workspace_root())
-        .args(["bench", "-q", "-p", "wl-daemon", "--bench", "tls"])
-        .stderr(Stdio::inherit())
-        .output()?;
-    if !out.status.success() {
-        bail!("leaf bench failed");
-    }
-    let text = String::from_utf8(out.stdout)?;
-    let line = text.lines().last().unwrap_or_default();
-    let get = |key: &str| -> Option<f64> {
-        let start = line.find(key)? + key.len() + 3;
-        line[start..].split([',', '}']).next()?.trim().parse().ok()
-    };
-    Ok(format!(
-        "cold (new name, one ECDSA signature) {:.1} µs, cached {:.2} µs",
-        get("mint_cold_us").unwrap_or(f64::NAN),
-        get("mint_cached_us").unwrap_or(f64::NAN)
-    ))
 }
 
 /// Scratch directory for one bench run.

@@ -6,6 +6,7 @@
 
 mod bench;
 mod bench_compare;
+mod bench_micro;
 mod bench_tls;
 mod package;
 mod setup;

@@ -1,0 +1,226 @@
+//! Criterion microbenchmarks of the pieces every governed request runs through, each alone
+//! (no sockets, no other process): leaf minting (a new name, and a cache hit), the Cedar
+//! decision per request, SCT signing and verification, and one audit append.
+//!
+//! `cargo xtask bench` runs them with `cargo bench -p wl-daemon --bench hot_paths` and
+//! writes the medians Criterion estimates (`target/criterion/*/new/estimates.json`) into
+//! BENCHMARKS.md. A filter narrows a run: `cargo bench -p wl-daemon --bench hot_paths -- sct`.
+
+use std::{
+    hint::black_box,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
+use ed25519_dalek::SigningKey;
+use wl_daemon::{
+    audit::{
+        trail::{Pending, Trail, TrailOptions},
+        AuditRecord, PolicyOutcome, RequestRecord,
+    },
+    broker::sct::{self, Binding, Claims},
+    config::Mode,
+    intercept::identity::AgentIdentity,
+    policy::{
+        facts::{BodyFacts, HeaderFacts, RequestFacts},
+        AgentEntities, PolicyEngine,
+    },
+    tls::{ca::BeaconCa, leaf::LeafCache},
+};
+
+fn agent() -> AgentIdentity {
+    AgentIdentity {
+        pid: 4242,
+        tid: 4242,
+        uid: 1000,
+        gid: 1000,
+        user: Some("bot".into()),
+        comm: "python3".into(),
+        exe: Some("/usr/bin/python3".into()),
+        cgroup: Some("/agents.slice/bot7.service".into()),
+        cgroup_id: 99,
+        unit: Some("bot7.service".into()),
+    }
+}
+
+fn chat_request() -> RequestFacts {
+    RequestFacts {
+        method: "POST".into(),
+        path: "/v1/chat/completions".into(),
+        query: String::new(),
+        headers: HeaderFacts(vec![("content_type", "application/json".into())]),
+        body: BodyFacts { model: Some("gpt-4o-mini".into()), stream: Some(false), max_tokens: Some(256) },
+        hour: 10,
+        weekday: 2,
+    }
+}
+
+/// Ten policies of the kind operators write: one forbid on a path, nine permits for one
+/// service each, narrowed by method, path and model.
+fn ten_policies() -> String {
+    let mut s = String::from(
+        "@id(\"no-uploads\")\nforbid(principal, action == Wl::Action::\"Request\", resource) \
+         when { context.path like \"/v1/files*\" };\n",
+    );
+    for i in 0..9 {
+        s.push_str(&format!(
+            "@id(\"bot{i}\")\npermit(principal in Wl::Cgroup::\"/agents.slice/bot{i}.service\", \
+             action == Wl::Action::\"Request\", resource == Wl::Host::\"api.openai.com\") \
+             when {{ context.method == \"POST\" && context.path == \"/v1/chat/completions\" \
+             && context.body has model && [\"gpt-4o-mini\", \"gpt-4.1-mini\"].contains(context.body.model) }};\n"
+        ));
+    }
+    s
+}
+
+fn leaf_minting(c: &mut Criterion) {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let ca = BeaconCa::load_or_create(dir.path(), &[]).expect("a beacon CA");
+    let validity = Duration::from_secs(86_400);
+    let mut group = c.benchmark_group("leaf");
+    // A new name: a key pair and one ECDSA signature by the CA.
+    let n = AtomicU64::new(0);
+    group.bench_function("mint_new_name", |b| {
+        b.iter(|| {
+            let name = format!("host{}.bench.example", n.fetch_add(1, Ordering::Relaxed));
+            black_box(ca.mint(&name, validity).expect("minted"))
+        })
+    });
+    // A name already in the cache: what every later connection to it pays.
+    let cache = Arc::new(LeafCache::new(ca, validity, 1024));
+    let rt = tokio::runtime::Builder::new_current_thread().build().expect("a runtime");
+    rt.block_on(cache.get("api.openai.com")).expect("minted");
+    group.bench_function("cached", |b| {
+        b.iter(|| black_box(rt.block_on(cache.get(black_box("api.openai.com"))).expect("cached")))
+    });
+    group.finish();
+}
+
+fn cedar_decision(c: &mut Criterion) {
+    let agent = agent();
+    let facts = chat_request();
+    let mut group = c.benchmark_group("cedar");
+    for (name, source) in [("builtin", None), ("ten_policies", Some(ten_policies()))] {
+        let engine = match source {
+            None => PolicyEngine::builtin(),
+            Some(text) => {
+                PolicyEngine::from_sources(&[("bench.cedar".into(), text)], "bench".into()).expect("valid")
+            }
+        };
+        // A connection's first request: the agent's entities and the policies whose scope
+        // can apply are worked out, then the request is decided.
+        group.bench_function(format!("{name}_first_request"), |b| {
+            b.iter(|| {
+                let entities = AgentEntities::new(Some(&agent), "api.openai.com");
+                black_box(engine.decide_request(&entities, &facts).allow)
+            })
+        });
+        // Later requests on the connection reuse both.
+        let entities = AgentEntities::new(Some(&agent), "api.openai.com");
+        group.bench_function(format!("{name}_later_request"), |b| {
+            b.iter(|| black_box(engine.decide_request(&entities, black_box(&facts)).allow))
+        });
+    }
+    group.finish();
+}
+
+fn sct_sign_and_verify(c: &mut Criterion) {
+    let key = SigningKey::from_bytes(&[7u8; 32]);
+    let verifying = key.verifying_key();
+    let agent_digest = sct::agent_digest(Some(&agent()));
+    let request_digest = sct::request_digest("POST", "/v1/chat/completions");
+    let now = 1_790_000_000_000i64;
+    let claims = Claims {
+        kid: sct::key_id(&verifying),
+        jti: [3u8; 16],
+        agent: agent_digest,
+        request: request_digest,
+        issued_ms: now,
+        expires_ms: now + 30_000,
+        host: "api.openai.com".into(),
+        secret: "openai".into(),
+    };
+    let binding =
+        Binding { agent: &agent_digest, request: &request_digest, host: "api.openai.com", secret: "openai" };
+    let mut group = c.benchmark_group("sct");
+    group.bench_function("sign", |b| b.iter(|| black_box(sct::sign(&key, black_box(&claims)))));
+    let token = sct::sign(&key, &claims);
+    // Everything a redemption checks but the ledger: format, key id, verify_strict, the
+    // validity window and the binding.
+    group.bench_function("verify", |b| {
+        b.iter(|| {
+            let claims = sct::verify(black_box(&token), |_| Some(verifying), now + 5, 2_000, &binding);
+            black_box(claims.expect("valid"))
+        })
+    });
+    group.finish();
+}
+
+fn request_record(i: u64) -> AuditRecord {
+    AuditRecord::Request(Box::new(RequestRecord {
+        conn_id: i / 10,
+        request_id: format!("wl-{}-{}", i / 10, i % 10),
+        agent: None,
+        method: "POST".into(),
+        host: "api.openai.com".into(),
+        path: "/v1/chat/completions".into(),
+        status: 200,
+        bytes_up: 312,
+        bytes_down: 1210,
+        duration_ms: 3,
+        proto_agent: "HTTP/1.1".into(),
+        proto_upstream: Some("HTTP/1.1".into()),
+        policy: PolicyOutcome {
+            decision: Some("allow"),
+            mode: Some(Mode::Observe),
+            would_deny: false,
+            policies: vec!["allow-all".into()],
+        },
+        secret: None,
+        jti: None,
+        credential: None,
+        credential_error: None,
+        redactions: 0,
+        error: None,
+    }))
+}
+
+fn audit_append(c: &mut Criterion) {
+    // On the machine's disk, as the daemon's trail is, rather than a tmpfs /tmp.
+    let base = std::env::var_os("WL_BENCH_DIR").unwrap_or_else(|| "/var/tmp".into());
+    let dir = tempfile::tempdir_in(base).expect("a temporary directory");
+    let opts = TrailOptions {
+        key_dir: dir.path().join("keys"),
+        rotate_bytes: 1 << 40,
+        checkpoint_every: 10_000,
+        checkpoint_interval: Duration::from_secs(5),
+    };
+    let mut trail = Trail::open(&dir.path().join("audit.jsonl"), opts).expect("a trail");
+    let mut group = c.benchmark_group("audit");
+    // One request record through the hash chain, JSON and write(2), as the writer task does
+    // when records arrive one at a time (no fsync: observe's records are not durable).
+    let n = AtomicU64::new(0);
+    group.bench_function("append_one", |b| {
+        b.iter_batched(
+            || request_record(n.fetch_add(1, Ordering::Relaxed)),
+            |record| trail.commit(vec![Pending::Record(record)], false),
+            BatchSize::SmallInput,
+        )
+    });
+    group.finish();
+}
+
+criterion_group! {
+    name = hot_paths;
+    // Short runs: `cargo xtask bench` runs everything else too.
+    config = Criterion::default()
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+        .sample_size(50);
+    targets = leaf_minting, cedar_decision, sct_sign_and_verify, audit_append
+}
+criterion_main!(hot_paths);
