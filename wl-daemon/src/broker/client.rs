@@ -69,6 +69,7 @@ impl Conn {
         let mut line = Zeroizing::new(serde_json::to_vec(req).expect("requests serialize"));
         line.push(b'\n');
         self.wr.write_all(&line).await?;
+        super::protocol::poll_briefly(&self.rd, super::protocol::POLL_FOR_ANSWER).await;
         let mut reply = Zeroizing::new(Vec::with_capacity(512));
         (&mut self.rd).take(MAX_LINE).read_until(b'\n', &mut reply).await?;
         if reply.last() != Some(&b'\n') {

@@ -157,3 +157,40 @@ impl<'de> Deserialize<'de> for SecretValue {
             .map_err(|_| serde::de::Error::custom("a secret value must be base64"))
     }
 }
+
+/// How long one side keeps polling for the other's next line before it sleeps: about
+/// what the broker takes to answer an `issue` or a `redeem`, with room.
+pub const POLL_FOR_ANSWER: std::time::Duration = std::time::Duration::from_micros(200);
+
+/// Waits until `rd` has something to read (or `spin` has passed), without sleeping.
+///
+/// A credential costs the proxy two exchanges with the broker (issue, then redeem), each
+/// answered within tens of microseconds. Sleeping in the meantime makes each answer wake
+/// an idle CPU, which costs about as much again on virtual machines (a halted vCPU waits
+/// for the hypervisor): measured here, 240 µs for issue plus redeem instead of 125 µs. So
+/// the waiting side polls: it checks the socket and, if nothing is there, gives the CPU to
+/// other threads (the other side, when both share a CPU) and then to the other tasks of
+/// its runtime (which polls its I/O driver without blocking), until the line is there or
+/// `spin` has passed; then it reads as usual, which may sleep.
+pub async fn poll_briefly(
+    rd: &tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>,
+    spin: std::time::Duration,
+) {
+    use std::os::fd::AsRawFd;
+    let fd = AsRef::<tokio::net::UnixStream>::as_ref(rd.get_ref()).as_raw_fd();
+    let has_data = || {
+        use nix::sys::socket::{recv, MsgFlags};
+        // Data, end of stream or an error: the read that follows sees it.
+        !matches!(
+            recv(fd, &mut [0u8; 1], MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT),
+            Err(nix::errno::Errno::EAGAIN)
+        )
+    };
+    let until = std::time::Instant::now() + spin;
+    while rd.buffer().is_empty() && !has_data() && std::time::Instant::now() < until {
+        // Give the CPU to whoever else can run on it (the broker itself, when both sides
+        // share a CPU), then to this runtime's other tasks.
+        std::thread::yield_now();
+        tokio::task::yield_now().await;
+    }
+}

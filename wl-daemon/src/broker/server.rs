@@ -283,7 +283,13 @@ async fn connection(stream: UnixStream, broker: &Broker) -> std::io::Result<()> 
         let line = serde_json::to_string(&reply).expect("replies serialize");
         return wr.write_all(format!("{line}\n").as_bytes()).await;
     }
+    // After an `issue`, the proxy's `redeem` follows within microseconds: poll for it
+    // rather than sleep (see `protocol::poll_briefly`).
+    let mut redeem_expected = false;
     loop {
+        if redeem_expected {
+            protocol::poll_briefly(&rd, protocol::POLL_FOR_ANSWER).await;
+        }
         let mut line = Zeroizing::new(Vec::with_capacity(1024));
         (&mut rd).take(protocol::MAX_LINE).read_until(b'\n', &mut line).await?;
         if line.is_empty() {
@@ -297,6 +303,7 @@ async fn connection(stream: UnixStream, broker: &Broker) -> std::io::Result<()> 
                 format!("cannot parse the request ({:?} error at column {})", e.classify(), e.column()),
             ),
             Ok(req) => {
+                redeem_expected = matches!(req, BrokerRequest::Issue(_));
                 let role = match req {
                     BrokerRequest::Issue(_) | BrokerRequest::Redeem { .. } | BrokerRequest::Status => {
                         Role::Client
