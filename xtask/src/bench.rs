@@ -4,7 +4,8 @@
 //!
 //! - connect() latency on a port that is *not* intercepted, from a process in an intercepted
 //!   cgroup vs. one in a cgroup with no programs: the cost every connect pays for the hook.
-//! - bulk throughput through the splice path vs. direct, over loopback.
+//! - bulk throughput through the splice path vs. direct, over loopback, and through nginx's
+//!   TCP proxy (the stream module) as the bar a production proxy sets for the same hop.
 //!
 //! The measuring clients are this same binary (`cargo xtask bench-client ...`, hidden),
 //! moved into the right cgroup before they start.
@@ -185,6 +186,37 @@ fn sink_server() -> anyhow::Result<SocketAddr> {
     Ok(addr)
 }
 
+/// nginx as a plain TCP proxy (stream module) in front of `sink`: the process, its address
+/// and its scratch directory.
+fn nginx_stream(sink: SocketAddr) -> anyhow::Result<(crate::bench_tls::Proc, SocketAddr, PathBuf)> {
+    let dir = std::env::temp_dir().join(format!("wl-bench-stream-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let addr: SocketAddr = {
+        let l = TcpListener::bind("127.0.0.3:0")?;
+        l.local_addr()?
+    };
+    let d = dir.display();
+    std::fs::write(
+        dir.join("nginx.conf"),
+        format!(
+            "load_module {module};\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+             daemon off;\nevents {{ worker_connections 64; }}\n\
+             stream {{ server {{ listen {addr}; proxy_pass {sink}; proxy_half_close on; \
+             proxy_buffer_size 256k; }} }}\n",
+            module = crate::bench_tls::NGINX_STREAM_MODULE,
+        ),
+    )?;
+    let child = Command::new("nginx")
+        .arg("-c")
+        .arg(dir.join("nginx.conf"))
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting nginx (stream proxy)")?;
+    let proc = crate::bench_tls::Proc(child);
+    crate::bench_tls::wait_port(&addr.to_string())?;
+    Ok((proc, addr, dir))
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
@@ -220,16 +252,23 @@ pub fn run(write: bool) -> anyhow::Result<()> {
     let (connect_hook, connect_bare) = (median(&mut with_hook), median(&mut without));
     let added_ns = median(&mut diffs);
 
-    // 2. Bulk throughput: through the splice path vs direct.
+    // 2. Bulk throughput: through the splice path vs direct vs nginx's TCP proxy.
+    crate::bench_tls::tools()?;
+    let (_nginx, nginx_addr, nginx_dir) = nginx_stream(sink)?;
     let daemon = Daemon::start(&hooked.name, &[plain_port])?;
     let bulk_args = vec!["bulk".to_string(), sink.to_string(), BULK_BYTES.to_string()];
-    let (mut spliced, mut direct) = (Vec::new(), Vec::new());
+    let nginx_args = vec!["bulk".to_string(), nginx_addr.to_string(), BULK_BYTES.to_string()];
+    let (mut spliced, mut direct, mut proxied) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
         spliced.push(hooked.run_client(&bulk_args)?.trim().parse::<f64>()?);
         direct.push(bare.run_client(&bulk_args)?.trim().parse::<f64>()?);
+        proxied.push(bare.run_client(&nginx_args)?.trim().parse::<f64>()?);
     }
     drop(daemon);
-    let (bulk_spliced, bulk_direct) = (median(&mut spliced), median(&mut direct));
+    drop(_nginx);
+    let _ = std::fs::remove_dir_all(&nginx_dir);
+    let (bulk_spliced, bulk_direct, bulk_nginx) =
+        (median(&mut spliced), median(&mut direct), median(&mut proxied));
 
     let ratio = bulk_spliced / bulk_direct;
     let report = format!(
@@ -237,16 +276,21 @@ pub fn run(write: bool) -> anyhow::Result<()> {
          {machine}\n\
          Command: `cargo xtask bench` (release build). connect(): {CONNECT_ROUNDS} alternating rounds of \
          {CONNECTS_PER_ROUND} calls, median per round, result = median of the paired differences. \
-         Bulk: {ROUNDS} alternating rounds, medians.\n\n\
+         Bulk: {ROUNDS} rounds in turns (wl, direct, nginx), medians; the client writes 256 KiB at a \
+         time, the sink reads 256 KiB at a time; nothing pinned. nginx 1.22 stream module: \
+         `proxy_pass` to the sink with `proxy_half_close on` and `proxy_buffer_size 256k`, one worker.\n\n\
          | measurement | with wl | baseline | result | target |\n|---|---|---|---|---|\n\
          | connect() to a non-intercepted port, per call | {connect_hook:.0} ns (intercepted cgroup) | {connect_bare:.0} ns (cgroup without programs) | {added:+.2} µs added | < 2 µs added: {c_ok} |\n\
-         | bulk transfer, {gib} GiB one way over loopback | {bulk_spliced:.2} Gbit/s (splice path) | {bulk_direct:.2} Gbit/s (direct) | {pct:.0}% of direct | ≥ 80%: {b_ok} |\n",
+         | bulk transfer, {gib} GiB one way over loopback | {bulk_spliced:.2} Gbit/s (splice path) | {bulk_direct:.2} Gbit/s (direct) | {pct:.0}% of direct | ≥ 80%: {b_ok} |\n\
+         | the same through nginx's TCP proxy | | {bulk_nginx:.2} Gbit/s (nginx stream) | {nginx_pct:.0}% of direct; wl {vs_nginx:.2}x nginx | |\n",
         machine = machine_description(),
         added = added_ns / 1000.0,
         c_ok = if added_ns < 2000.0 { "met" } else { "not met" },
         gib = BULK_BYTES >> 30,
         pct = ratio * 100.0,
         b_ok = if ratio >= 0.8 { "met" } else { "not met" },
+        nginx_pct = bulk_nginx / bulk_direct * 100.0,
+        vs_nginx = bulk_spliced / bulk_nginx,
     );
     println!("{report}");
 

@@ -57,7 +57,11 @@ fn sh(cmd: &str) -> anyhow::Result<()> {
     run_cmd(Command::new("sh").arg("-c").arg(cmd))
 }
 
-/// Installs wrk and nginx if missing, without letting Debian start nginx as a service.
+/// nginx's TCP proxy module (Debian ships it apart from nginx-light).
+pub const NGINX_STREAM_MODULE: &str = "/usr/lib/nginx/modules/ngx_stream_module.so";
+
+/// Installs wrk, nginx and nginx's stream module if missing, without letting Debian start
+/// nginx as a service.
 pub fn tools() -> anyhow::Result<()> {
     let have = |c: &str| {
         Command::new("sh")
@@ -67,10 +71,13 @@ pub fn tools() -> anyhow::Result<()> {
             .status()
             .is_ok_and(|s| s.success())
     };
-    if have("wrk") && have("nginx") {
+    if have("wrk") && have("nginx") && Path::new(NGINX_STREAM_MODULE).exists() {
         return Ok(());
     }
-    eprintln!("xtask bench: installing wrk and nginx-light with apt-get (load generator, reference proxy)");
+    eprintln!(
+        "xtask bench: installing wrk, nginx-light and libnginx-mod-stream with apt-get \
+         (load generator, reference proxies)"
+    );
     // policy-rc.d 101: packages must not start services here.
     let policy = Path::new("/usr/sbin/policy-rc.d");
     let had_policy = policy.exists();
@@ -79,7 +86,7 @@ pub fn tools() -> anyhow::Result<()> {
         sh("chmod 755 /usr/sbin/policy-rc.d")?;
     }
     let result =
-        sh("apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q wrk nginx-light");
+        sh("apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q wrk nginx-light libnginx-mod-stream");
     if !had_policy {
         let _ = std::fs::remove_file(policy);
     }
