@@ -94,6 +94,25 @@ pub struct Metrics {
     pub audit_batch_seconds: Histogram,
     /// Records queued for the writer.
     pub audit_queued: AtomicU64,
+    /// Requests whose response head has not been returned yet.
+    pub requests_in_flight: AtomicU64,
+}
+
+/// Counts one unit of work in progress on a gauge for as long as it lives.
+pub struct InFlight<'a>(&'a AtomicU64);
+
+impl<'a> InFlight<'a> {
+    /// Adds one to `gauge` until the guard is dropped.
+    pub fn enter(gauge: &'a AtomicU64) -> Self {
+        gauge.fetch_add(1, Ordering::Relaxed);
+        Self(gauge)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// The registry.
@@ -231,6 +250,13 @@ impl Metrics {
             "Records queued for the audit writer (the write lag, in records).",
         );
         let _ = writeln!(out, "wl_audit_queue_depth {}", self.audit_queued.load(Ordering::Relaxed));
+        family(
+            &mut out,
+            "wl_requests_in_flight",
+            "gauge",
+            "Requests received whose response head has not been returned yet.",
+        );
+        let _ = writeln!(out, "wl_requests_in_flight {}", self.requests_in_flight.load(Ordering::Relaxed));
         family(
             &mut out,
             "wl_audit_batch_duration_seconds",

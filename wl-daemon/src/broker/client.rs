@@ -3,7 +3,7 @@
 
 use std::{
     path::{Path, PathBuf},
-    sync::Mutex,
+    sync::{atomic::Ordering, Mutex},
     time::Duration,
 };
 
@@ -17,7 +17,7 @@ use tokio::{
 use zeroize::Zeroizing;
 
 use super::{
-    protocol::{BrokerRequest, Reply, Use, MAX_LINE},
+    protocol::{BrokerRequest, Poller, Reply, Use, MAX_LINE},
     store::SecretValue,
 };
 
@@ -65,11 +65,13 @@ impl Conn {
     }
 
     /// Sends one request and reads one reply. Buffers that held a secret are zeroed.
-    async fn call(&mut self, req: &BrokerRequest) -> std::io::Result<Reply> {
+    async fn call(&mut self, req: &BrokerRequest, poller: &Poller) -> std::io::Result<Reply> {
         let mut line = Zeroizing::new(serde_json::to_vec(req).expect("requests serialize"));
         line.push(b'\n');
         self.wr.write_all(&line).await?;
-        super::protocol::poll_briefly(&self.rd, super::protocol::POLL_FOR_ANSWER).await;
+        // Polling only pays while nothing else in this process waits for the CPU.
+        let others_busy = crate::metrics::METRICS.requests_in_flight.load(Ordering::Relaxed) > 1;
+        poller.wait(&self.rd, others_busy).await;
         let mut reply = Zeroizing::new(Vec::with_capacity(512));
         (&mut self.rd).take(MAX_LINE).read_until(b'\n', &mut reply).await?;
         if reply.last() != Some(&b'\n') {
@@ -88,6 +90,8 @@ pub struct BrokerClient {
     socket: PathBuf,
     timeout: Duration,
     idle: Mutex<Vec<Conn>>,
+    /// Shared by all connections: whether the broker answers fast enough to poll for it.
+    poller: Poller,
 }
 
 impl std::fmt::Debug for BrokerClient {
@@ -102,7 +106,7 @@ const IDLE_MAX: usize = 16;
 impl BrokerClient {
     /// A client for the broker at `socket`; nothing is connected until first use.
     pub fn new(socket: PathBuf, timeout: Duration) -> Self {
-        Self { socket, timeout, idle: Mutex::new(Vec::new()) }
+        Self { socket, timeout, idle: Mutex::new(Vec::new()), poller: Poller::default() }
     }
 
     /// Obtains the secret for one use: asks for a token, then redeems it, on one
@@ -115,19 +119,19 @@ impl BrokerClient {
                 Some(c) => c,
                 None => Conn::open(&self.socket).await.map_err(|e| unavailable(e.to_string()))?,
             };
-            let issued = match conn.call(&BrokerRequest::Issue(use_.clone())).await {
+            let issued = match conn.call(&BrokerRequest::Issue(use_.clone()), &self.poller).await {
                 Ok(r) => r,
                 // A pooled connection the broker closed (it restarted): one fresh try.
                 Err(_) => {
                     conn = Conn::open(&self.socket).await.map_err(|e| unavailable(e.to_string()))?;
-                    conn.call(&BrokerRequest::Issue(use_.clone()))
+                    conn.call(&BrokerRequest::Issue(use_.clone()), &self.poller)
                         .await
                         .map_err(|e| unavailable(e.to_string()))?
                 }
             };
             let sct = refused(issued)?.sct.ok_or_else(|| unavailable("no token in the reply".into()))?;
             let redeemed = conn
-                .call(&BrokerRequest::Redeem { sct, use_ })
+                .call(&BrokerRequest::Redeem { sct, use_ }, &self.poller)
                 .await
                 .map_err(|e| unavailable(e.to_string()))?;
             let mut redeemed = refused(redeemed)?;
@@ -168,20 +172,22 @@ pub async fn call(socket: &Path, req: &BrokerRequest) -> Result<Reply, String> {
             socket.display()
         )
     })?;
-    conn.call(req).await.map_err(|e| format!("secrets broker at `{}`: {e}", socket.display()))
+    conn.call(req, &Poller::default())
+        .await
+        .map_err(|e| format!("secrets broker at `{}`: {e}", socket.display()))
 }
 
 /// A connection kept for several requests (benchmarks).
-pub struct Session(Conn);
+pub struct Session(Conn, Poller);
 
 impl Session {
     /// Connects.
     pub async fn connect(socket: &Path) -> std::io::Result<Self> {
-        Ok(Self(Conn::open(socket).await?))
+        Ok(Self(Conn::open(socket).await?, Poller::default()))
     }
 
     /// One request.
     pub async fn call(&mut self, req: &BrokerRequest) -> std::io::Result<Reply> {
-        self.0.call(req).await
+        self.0.call(req, &self.1).await
     }
 }

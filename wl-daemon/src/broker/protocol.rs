@@ -160,9 +160,13 @@ impl<'de> Deserialize<'de> for SecretValue {
 
 /// How long one side keeps polling for the other's next line before it sleeps: about
 /// what the broker takes to answer an `issue` or a `redeem`, with room.
-pub const POLL_FOR_ANSWER: std::time::Duration = std::time::Duration::from_micros(200);
+const POLL_FOR_ANSWER: std::time::Duration = std::time::Duration::from_micros(200);
 
-/// Waits until `rd` has something to read (or `spin` has passed), without sleeping.
+/// Waits after a poll that did not pay off (no answer within [`POLL_FOR_ANSWER`]) during
+/// which a [`Poller`] does not poll.
+const SKIP_AFTER_MISS: u32 = 64;
+
+/// Waits for the other side's next line by polling when that pays off.
 ///
 /// A credential costs the proxy two exchanges with the broker (issue, then redeem), each
 /// answered within tens of microseconds. Sleeping in the meantime makes each answer wake
@@ -171,11 +175,43 @@ pub const POLL_FOR_ANSWER: std::time::Duration = std::time::Duration::from_micro
 /// the waiting side polls: it checks the socket and, if nothing is there, gives the CPU to
 /// other threads (the other side, when both share a CPU) and then to the other tasks of
 /// its runtime (which polls its I/O driver without blocking), until the line is there or
-/// `spin` has passed; then it reads as usual, which may sleep.
-pub async fn poll_briefly(
+/// [`POLL_FOR_ANSWER`] has passed; then it reads as usual, which may sleep.
+///
+/// Under load, polling only takes CPU from work that is waiting for it: measured with the
+/// proxy, the broker and the upstream on one CPU, 15-20% less throughput on the
+/// credential path. So a wait polls only when the caller says nothing else of its process
+/// is busy, and after a poll that found nothing the next [`SKIP_AFTER_MISS`] waits sleep
+/// at once.
+#[derive(Debug, Default)]
+pub struct Poller {
+    skip: std::sync::atomic::AtomicU32,
+}
+
+impl Poller {
+    /// Returns once `rd` has something to read, or at once when polling would not pay:
+    /// `others_busy` (the process has other work in progress) or recent misses.
+    pub async fn wait(&self, rd: &tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>, others_busy: bool) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if others_busy {
+            return;
+        }
+        // Approximate on purpose: concurrent waits may each skip or poll once too often.
+        let skip = self.skip.load(Relaxed);
+        if skip > 0 {
+            self.skip.store(skip - 1, Relaxed);
+            return;
+        }
+        if !poll_briefly(rd, POLL_FOR_ANSWER).await {
+            self.skip.store(SKIP_AFTER_MISS, Relaxed);
+        }
+    }
+}
+
+/// Polls `rd` for up to `spin`; whether something arrived.
+async fn poll_briefly(
     rd: &tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>,
     spin: std::time::Duration,
-) {
+) -> bool {
     use std::os::fd::AsRawFd;
     let fd = AsRef::<tokio::net::UnixStream>::as_ref(rd.get_ref()).as_raw_fd();
     let has_data = || {
@@ -187,7 +223,13 @@ pub async fn poll_briefly(
         )
     };
     let until = std::time::Instant::now() + spin;
-    while rd.buffer().is_empty() && !has_data() && std::time::Instant::now() < until {
+    loop {
+        if !rd.buffer().is_empty() || has_data() {
+            return true;
+        }
+        if std::time::Instant::now() >= until {
+            return false;
+        }
         // Give the CPU to whoever else can run on it (the broker itself, when both sides
         // share a CPU), then to this runtime's other tasks.
         std::thread::yield_now();

@@ -54,6 +54,8 @@ struct Broker {
     ttl_ms: i64,
     client_uids: Vec<u32>,
     admin_uids: Vec<u32>,
+    /// Requests being answered right now, on all connections (see `protocol::Poller`).
+    handling: std::sync::atomic::AtomicU64,
     /// The broker's own trail, written synchronously: its records are few, and each must
     /// be in the file before the answer it describes leaves.
     audit: Mutex<Trail>,
@@ -132,6 +134,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         client_uids: with_users(&config.broker.client_uids, &config.broker.client_users, "client_users")?,
         admin_uids: with_users(&config.broker.admin_uids, &config.broker.admin_users, "admin_users")?,
         audit: Mutex::new(audit),
+        handling: Default::default(),
     });
     let serving = tokio::spawn(serve(listener, broker.clone()));
     crate::service::ready();
@@ -284,17 +287,20 @@ async fn connection(stream: UnixStream, broker: &Broker) -> std::io::Result<()> 
         return wr.write_all(format!("{line}\n").as_bytes()).await;
     }
     // After an `issue`, the proxy's `redeem` follows within microseconds: poll for it
-    // rather than sleep (see `protocol::poll_briefly`).
+    // rather than sleep, while that pays off (see `protocol::Poller`).
     let mut redeem_expected = false;
+    let poller = protocol::Poller::default();
     loop {
         if redeem_expected {
-            protocol::poll_briefly(&rd, protocol::POLL_FOR_ANSWER).await;
+            let others_busy = broker.handling.load(std::sync::atomic::Ordering::Relaxed) > 0;
+            poller.wait(&rd, others_busy).await;
         }
         let mut line = Zeroizing::new(Vec::with_capacity(1024));
         (&mut rd).take(protocol::MAX_LINE).read_until(b'\n', &mut line).await?;
         if line.is_empty() {
             return Ok(());
         }
+        let _handling = crate::metrics::InFlight::enter(&broker.handling);
         let reply = match serde_json::from_slice::<BrokerRequest>(&line) {
             // Only the position and the kind of error: serde's message can quote the
             // input, and the input may hold a secret.

@@ -205,6 +205,7 @@ fn requested_authority(req: &Request<Incoming>) -> Option<String> {
 }
 
 async fn handle(mut req: Request<Incoming>, ctx: Arc<ConnContext>) -> Response<ProxyBody> {
+    let _in_flight = crate::metrics::InFlight::enter(&METRICS.requests_in_flight);
     let started = Instant::now();
     let n = ctx.requests.fetch_add(1, Ordering::Relaxed) + 1;
     let request_id = format!("wl-{}-{}", ctx.conn_id, n);
