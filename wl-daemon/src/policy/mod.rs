@@ -14,7 +14,7 @@ use std::{
     collections::{HashMap, HashSet},
     path::{Path, PathBuf},
     str::FromStr,
-    sync::Arc,
+    sync::{Arc, LazyLock},
 };
 
 use arc_swap::ArcSwap;
@@ -366,15 +366,25 @@ fn describe(e: &dyn miette::Diagnostic, file: &str, text: &str) -> String {
     format!("{file}{location}: {msg}")
 }
 
-fn uid(ty: &str, id: &str) -> EntityUid {
-    EntityUid::from_type_name_and_id(
-        EntityTypeName::from_str(ty).expect("static type names are valid"),
-        EntityId::new(id),
-    )
+/// The entity types wl's code names, parsed once: `EntityTypeName::from_str` runs Cedar's
+/// parser (microseconds a call), and uids are built for every connection and decision.
+static ENTITY_TYPES: LazyLock<Vec<(&'static str, EntityTypeName)>> = LazyLock::new(|| {
+    ["Wl::Action", "Wl::Agent", "Wl::Cgroup", "Wl::Group", "Wl::Host", "Wl::Secret", "Wl::Unit", "Wl::User"]
+        .into_iter()
+        .map(|ty| (ty, EntityTypeName::from_str(ty).expect("static type names are valid")))
+        .collect()
+});
+
+fn uid(ty: &'static str, id: &str) -> EntityUid {
+    let name = match ENTITY_TYPES.iter().find(|(t, _)| *t == ty) {
+        Some((_, name)) => name.clone(),
+        None => EntityTypeName::from_str(ty).expect("static type names are valid"),
+    };
+    EntityUid::from_type_name_and_id(name, EntityId::new(id))
 }
 
 /// The entities one connection's decisions need: the agent with its user, group, unit and
-/// cgroups, and the host. Built once per connection.
+/// cgroups, and the host. Built once per agent process and host ([`EntityCache`]).
 #[derive(Debug)]
 pub struct AgentEntities {
     principal: EntityUid,
@@ -492,6 +502,71 @@ impl AgentEntities {
         let (principal, host, ancestors, list) = entity_list(agent, host);
         let entities = Entities::from_entities(list, None).expect("distinct entities");
         Self { principal, host, ancestors, entities, relevant: std::sync::Mutex::new(Vec::new()) }
+    }
+}
+
+/// Built [`AgentEntities`], shared by the connections of one agent process to one host.
+///
+/// Building them costs more than most decisions (Cedar's entity store hashes every uid and
+/// computes the transitive closure of the parents: 15-25 µs), and agents open many
+/// connections. The key is everything the entities are built from, so a hit is exactly
+/// what a new build would give. Bounded: when full it starts over.
+#[derive(Debug, Default)]
+pub struct EntityCache {
+    map: std::sync::Mutex<HashMap<EntityKey, Arc<AgentEntities>>>,
+}
+
+/// Everything [`entity_list`] reads.
+#[derive(Debug, Hash, PartialEq, Eq)]
+struct EntityKey {
+    agent: Option<AgentKey>,
+    host: String,
+}
+
+/// The parts of an [`AgentIdentity`] its entities are built from (not the thread, nor the
+/// cgroup id, which the path already names).
+#[derive(Debug, Hash, PartialEq, Eq)]
+struct AgentKey {
+    pid: u32,
+    uid: u32,
+    gid: u32,
+    user: Option<String>,
+    unit: Option<String>,
+    cgroup: Option<String>,
+    exe: Option<String>,
+    comm: String,
+}
+
+/// Entries kept before [`EntityCache`] starts over.
+const ENTITY_CACHE_MAX: usize = 4096;
+
+impl EntityCache {
+    /// The entities for `agent` calling `host`, built at most once while cached.
+    pub fn get(&self, agent: Option<&AgentIdentity>, host: &str) -> Arc<AgentEntities> {
+        let key = EntityKey {
+            agent: agent.map(|a| AgentKey {
+                pid: a.pid,
+                uid: a.uid,
+                gid: a.gid,
+                user: a.user.clone(),
+                unit: a.unit.clone(),
+                cgroup: a.cgroup.clone(),
+                exe: a.exe.clone(),
+                comm: a.comm.clone(),
+            }),
+            host: host.to_owned(),
+        };
+        if let Some(found) = self.map.lock().expect("entity cache poisoned").get(&key) {
+            return found.clone();
+        }
+        // Built outside the lock; two connections racing build twice, harmlessly.
+        let built = Arc::new(AgentEntities::new(agent, host));
+        let mut map = self.map.lock().expect("entity cache poisoned");
+        if map.len() >= ENTITY_CACHE_MAX {
+            map.clear();
+        }
+        map.insert(key, built.clone());
+        built
     }
 }
 
@@ -704,6 +779,28 @@ mod tests {
             cgroup_id: 7,
             unit: crate::intercept::cgroup::unit_of_cgroup(cgroup),
         }
+    }
+
+    #[test]
+    fn entity_cache_shares_only_identical_inputs() {
+        let cache = EntityCache::default();
+        let bot = agent("/agents.slice/bot.service", 1000);
+        let first = cache.get(Some(&bot), "api.openai.com");
+        // Another thread of the same process: the same entities.
+        let other_thread = AgentIdentity { tid: 43, ..bot.clone() };
+        assert!(Arc::ptr_eq(&first, &cache.get(Some(&other_thread), "api.openai.com")));
+        // Anything the entities are built from differs: built anew.
+        assert!(!Arc::ptr_eq(&first, &cache.get(Some(&bot), "api.anthropic.com")));
+        let other_pid = AgentIdentity { pid: 77, ..bot.clone() };
+        assert!(!Arc::ptr_eq(&first, &cache.get(Some(&other_pid), "api.openai.com")));
+        let other_exe = AgentIdentity { exe: Some("/usr/bin/node".into()), ..bot.clone() };
+        assert!(!Arc::ptr_eq(&first, &cache.get(Some(&other_exe), "api.openai.com")));
+        assert!(!Arc::ptr_eq(&first, &cache.get(None, "api.openai.com")));
+        // Bounded.
+        for pid in 0..(ENTITY_CACHE_MAX as u32 + 10) {
+            cache.get(Some(&AgentIdentity { pid, ..bot.clone() }), "api.openai.com");
+        }
+        assert!(cache.map.lock().unwrap().len() <= ENTITY_CACHE_MAX);
     }
 
     fn chat(model: Option<&str>) -> facts::RequestFacts {

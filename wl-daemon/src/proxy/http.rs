@@ -117,7 +117,7 @@ impl ConnContext {
         match &*cached {
             Some((h, e)) if h == host => e.clone(),
             _ => {
-                let e = Arc::new(AgentEntities::new(self.agent.as_ref(), host));
+                let e = self.shared.entities.get(self.agent.as_ref(), host);
                 *cached = Some((host.to_owned(), e.clone()));
                 e
             }

@@ -28,7 +28,7 @@ use crate::{
     config::Mode,
     config::TlsConfig,
     intercept::{identity::IdentityResolver, original_destination, Interceptor},
-    policy::{facts::ConnectFacts, AgentEntities, PolicyStore},
+    policy::{facts::ConnectFacts, EntityCache, PolicyStore},
     tls::{
         hello::{self, Peeked},
         leaf::LeafCache,
@@ -87,6 +87,8 @@ pub struct Shared {
     pub server_first_after: Duration,
     /// Cedar policies and modes.
     pub policy: Arc<PolicyStore>,
+    /// Policy entities by agent process and host.
+    pub entities: EntityCache,
     /// `policy.body_limit`.
     pub body_limit: usize,
     /// `audit.durable`: in enforce, decisions are fsynced before requests are forwarded.
@@ -123,6 +125,7 @@ impl Shared {
             body_limit: 64 * 1024,
             audit_durable: true,
             credentials: None,
+            entities: EntityCache::default(),
             next_id: AtomicU64::new(1),
         }
     }
@@ -308,7 +311,7 @@ pub fn decide_connect(
     record: &mut ConnectionRecord,
 ) -> Result<(), String> {
     let host = sni.clone().unwrap_or_else(|| dst.ip().to_string());
-    let entities = AgentEntities::new(agent, &host);
+    let entities = shared.entities.get(agent, &host);
     let facts = ConnectFacts { ip: dst.ip(), port: dst.port(), tls, sni };
     let decision = shared.policy.current().decide_connect(&entities, &facts);
     let mode = shared.policy.mode_for(&host);
