@@ -57,12 +57,58 @@ impl tower_service::Service<Uri> for FixedDest {
     }
 }
 
+/// Connections being opened (TCP and TLS) at once per upstream (host, destination).
+///
+/// When many agent requests arrive together, each that finds no idle pooled connection
+/// opens one (hyper-util's pool races a new connection against an idle one coming back),
+/// so a burst from thousands of agents opened thousands of upstream TLS connections, most
+/// closed again soon after, each holding tens of kilobytes meanwhile. With a bound on
+/// connections being opened, the requests over it wait for whichever comes first: an
+/// idle connection or a free slot. It bounds only the opening: long streams (SSE,
+/// WebSockets) on open connections take no slot.
+const MAX_CONNECTING_PER_UPSTREAM: usize = 32;
+
+/// A connector that opens at most a fixed number of connections at once.
+#[derive(Clone, Debug)]
+pub struct Throttled<C> {
+    inner: C,
+    slots: Arc<tokio::sync::Semaphore>,
+}
+
+impl<C> tower_service::Service<Uri> for Throttled<C>
+where
+    C: tower_service::Service<Uri> + Clone + Send + 'static,
+    C::Future: Send,
+    C::Response: Send,
+    C::Error: Send,
+{
+    type Response = C::Response;
+    type Error = C::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let slots = self.slots.clone();
+        // The clone that was made ready is the one to call (tower's contract).
+        let clone = self.inner.clone();
+        let mut ready = std::mem::replace(&mut self.inner, clone);
+        Box::pin(async move {
+            // The semaphore is never closed.
+            let _slot = slots.acquire_owned().await.expect("connect slots stay open");
+            ready.call(uri).await
+        })
+    }
+}
+
 /// The body of a forwarded request: the agent's, counted.
 pub type UpBody = super::http::Counted<super::http::UpstreamBody>;
 /// A verified-TLS client for one destination.
-pub type TlsClient = Client<HttpsConnector<FixedDest>, UpBody>;
+pub type TlsClient = Client<Throttled<HttpsConnector<FixedDest>>, UpBody>;
 /// A plain-HTTP client for one destination.
-pub type PlainClient = Client<FixedDest, UpBody>;
+pub type PlainClient = Client<Throttled<FixedDest>, UpBody>;
 
 /// The clients of one (host, port, destination).
 #[derive(Clone)]
@@ -108,13 +154,16 @@ impl Upstreams {
             return p.clone();
         }
         let connector = FixedDest(dst);
+        // One bound for the three clients: they open connections to the same place.
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTING_PER_UPSTREAM));
         let https = |h2: bool| {
             let b = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(self.tls.clone()).https_only();
-            if h2 {
+            let inner = if h2 {
                 b.enable_http1().enable_http2().wrap_connector(connector.clone())
             } else {
                 b.enable_http1().wrap_connector(connector.clone())
-            }
+            };
+            Throttled { inner, slots: slots.clone() }
         };
         let mut builder = Client::builder(TokioExecutor::new());
         // Idle connections kept per upstream: enough for bursts from many agents, so that a
@@ -123,7 +172,7 @@ impl Upstreams {
         let pools = Pools {
             tls: builder.build(https(true)),
             tls_h1: builder.build(https(false)),
-            plain: builder.build(connector.clone()),
+            plain: builder.build(Throttled { inner: connector.clone(), slots: slots.clone() }),
         };
         if guard.0.len() >= MAX_POOLS && !guard.1.is_empty() {
             let oldest = guard.1.remove(0);
@@ -132,5 +181,58 @@ impl Upstreams {
         guard.1.push(key.clone());
         guard.0.insert(key, pools.clone());
         pools
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// A connector that takes a while and counts how many of its calls run at once.
+    #[derive(Clone)]
+    struct Slow {
+        now: Arc<AtomicUsize>,
+        most: Arc<AtomicUsize>,
+    }
+
+    impl tower_service::Service<Uri> for Slow {
+        type Response = ();
+        type Error = std::io::Error;
+        type Future = Pin<Box<dyn Future<Output = Result<(), std::io::Error>> + Send>>;
+
+        fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _uri: Uri) -> Self::Future {
+            let (now, most) = (self.now.clone(), self.most.clone());
+            Box::pin(async move {
+                let n = now.fetch_add(1, Ordering::SeqCst) + 1;
+                most.fetch_max(n, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                now.fetch_sub(1, Ordering::SeqCst);
+                Ok(())
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_burst_opens_at_most_the_bound_at_once_and_every_one_completes() {
+        use tower_service::Service as _;
+        let slow = Slow { now: Default::default(), most: Default::default() };
+        let throttled = Throttled { inner: slow.clone(), slots: Arc::new(tokio::sync::Semaphore::new(4)) };
+        let calls: Vec<_> = (0..40)
+            .map(|_| {
+                let mut t = throttled.clone();
+                tokio::spawn(async move { t.call(Uri::from_static("https://api.openai.com/")).await })
+            })
+            .collect();
+        for call in calls {
+            call.await.unwrap().unwrap();
+        }
+        assert_eq!(slow.most.load(Ordering::SeqCst), 4, "never more than the bound, and the bound is used");
+        assert_eq!(slow.now.load(Ordering::SeqCst), 0);
     }
 }
