@@ -12,38 +12,15 @@ use std::{sync::Arc, time::Instant};
 use wl_daemon::{
     audit::{
         trail::{key_paths, Pending, Trail, TrailOptions},
-        verify, AuditLog, AuditRecord, PolicyOutcome, RequestRecord,
+        verify, AuditLog, AuditRecord,
     },
     config::Mode,
 };
 
+mod common;
+
 fn record(i: u64) -> AuditRecord {
-    AuditRecord::Request(Box::new(RequestRecord {
-        conn_id: i / 10,
-        request_id: format!("wl-{}-{}", i / 10, i % 10),
-        agent: None,
-        method: "POST".into(),
-        host: "api.openai.com".into(),
-        path: "/v1/chat/completions".into(),
-        status: 200,
-        bytes_up: 312,
-        bytes_down: 1210,
-        duration_ms: 3,
-        proto_agent: "HTTP/1.1".into(),
-        proto_upstream: Some("HTTP/1.1".into()),
-        policy: PolicyOutcome {
-            decision: Some("allow"),
-            mode: Some(Mode::Enforce),
-            would_deny: false,
-            policies: vec!["allow-all".into()],
-        },
-        secret: None,
-        jti: None,
-        credential: None,
-        credential_error: None,
-        redactions: 0,
-        error: None,
-    }))
+    common::request_record(i, Mode::Enforce)
 }
 
 fn options(dir: &std::path::Path) -> TrailOptions {

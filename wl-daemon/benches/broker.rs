@@ -6,14 +6,13 @@
 
 use std::{path::Path, process::Command, time::Instant};
 
-use wl_daemon::{
-    broker::{
-        client::Session,
-        protocol::{BrokerRequest, Use},
-        store::SecretValue,
-    },
-    intercept::identity::AgentIdentity,
+use wl_daemon::broker::{
+    client::Session,
+    protocol::{BrokerRequest, Use},
+    store::SecretValue,
 };
+
+mod common;
 
 fn percentiles(mut v: Vec<f64>) -> (f64, f64) {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -74,18 +73,7 @@ fn main() {
         };
         assert!(s.call(&put).await.unwrap().ok);
         let use_ = Use {
-            agent: Some(AgentIdentity {
-                pid: 4242,
-                tid: 4242,
-                uid: 1000,
-                gid: 1000,
-                user: Some("bot".into()),
-                comm: "python3".into(),
-                exe: Some("/usr/bin/python3".into()),
-                cgroup: Some("/agents.slice/bot.service".into()),
-                cgroup_id: 99,
-                unit: Some("bot.service".into()),
-            }),
+            agent: Some(common::agent()),
             host: "api.openai.com".into(),
             secret: "openai".into(),
             method: "POST".into(),

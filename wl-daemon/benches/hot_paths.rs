@@ -18,46 +18,14 @@ use std::{
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use ed25519_dalek::SigningKey;
 use wl_daemon::{
-    audit::{
-        trail::{Pending, Trail, TrailOptions},
-        AuditRecord, PolicyOutcome, RequestRecord,
-    },
+    audit::trail::{Pending, Trail, TrailOptions},
     broker::sct::{self, Binding, Claims},
     config::Mode,
-    intercept::identity::AgentIdentity,
-    policy::{
-        facts::{BodyFacts, HeaderFacts, RequestFacts},
-        AgentEntities, PolicyEngine,
-    },
+    policy::{AgentEntities, PolicyEngine},
     tls::{ca::BeaconCa, leaf::LeafCache},
 };
 
-fn agent() -> AgentIdentity {
-    AgentIdentity {
-        pid: 4242,
-        tid: 4242,
-        uid: 1000,
-        gid: 1000,
-        user: Some("bot".into()),
-        comm: "python3".into(),
-        exe: Some("/usr/bin/python3".into()),
-        cgroup: Some("/agents.slice/bot7.service".into()),
-        cgroup_id: 99,
-        unit: Some("bot7.service".into()),
-    }
-}
-
-fn chat_request() -> RequestFacts {
-    RequestFacts {
-        method: "POST".into(),
-        path: "/v1/chat/completions".into(),
-        query: String::new(),
-        headers: HeaderFacts(vec![("content_type", "application/json".into())]),
-        body: BodyFacts { model: Some("gpt-4o-mini".into()), stream: Some(false), max_tokens: Some(256) },
-        hour: 10,
-        weekday: 2,
-    }
-}
+mod common;
 
 /// Ten policies of the kind operators write: one forbid on a path, nine permits for one
 /// service each, narrowed by method, path and model.
@@ -101,8 +69,8 @@ fn leaf_minting(c: &mut Criterion) {
 }
 
 fn cedar_decision(c: &mut Criterion) {
-    let agent = agent();
-    let facts = chat_request();
+    let agent = common::agent();
+    let facts = common::chat_request();
     let mut group = c.benchmark_group("cedar");
     for (name, source) in [("builtin", None), ("ten_policies", Some(ten_policies()))] {
         let engine = match source {
@@ -131,7 +99,7 @@ fn cedar_decision(c: &mut Criterion) {
 fn sct_sign_and_verify(c: &mut Criterion) {
     let key = SigningKey::from_bytes(&[7u8; 32]);
     let verifying = key.verifying_key();
-    let agent_digest = sct::agent_digest(Some(&agent()));
+    let agent_digest = sct::agent_digest(Some(&common::agent()));
     let request_digest = sct::request_digest("POST", "/v1/chat/completions");
     let now = 1_790_000_000_000i64;
     let claims = Claims {
@@ -160,35 +128,6 @@ fn sct_sign_and_verify(c: &mut Criterion) {
     group.finish();
 }
 
-fn request_record(i: u64) -> AuditRecord {
-    AuditRecord::Request(Box::new(RequestRecord {
-        conn_id: i / 10,
-        request_id: format!("wl-{}-{}", i / 10, i % 10),
-        agent: None,
-        method: "POST".into(),
-        host: "api.openai.com".into(),
-        path: "/v1/chat/completions".into(),
-        status: 200,
-        bytes_up: 312,
-        bytes_down: 1210,
-        duration_ms: 3,
-        proto_agent: "HTTP/1.1".into(),
-        proto_upstream: Some("HTTP/1.1".into()),
-        policy: PolicyOutcome {
-            decision: Some("allow"),
-            mode: Some(Mode::Observe),
-            would_deny: false,
-            policies: vec!["allow-all".into()],
-        },
-        secret: None,
-        jti: None,
-        credential: None,
-        credential_error: None,
-        redactions: 0,
-        error: None,
-    }))
-}
-
 fn audit_append(c: &mut Criterion) {
     // On the machine's disk, as the daemon's trail is, rather than a tmpfs /tmp.
     let base = std::env::var_os("WL_BENCH_DIR").unwrap_or_else(|| "/var/tmp".into());
@@ -206,7 +145,7 @@ fn audit_append(c: &mut Criterion) {
     let n = AtomicU64::new(0);
     group.bench_function("append_one", |b| {
         b.iter_batched(
-            || request_record(n.fetch_add(1, Ordering::Relaxed)),
+            || common::request_record(n.fetch_add(1, Ordering::Relaxed), Mode::Observe),
             |record| trail.commit(vec![Pending::Record(record)], false),
             BatchSize::SmallInput,
         )

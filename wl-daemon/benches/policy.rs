@@ -5,13 +5,9 @@
 
 use std::time::Instant;
 
-use wl_daemon::{
-    intercept::identity::AgentIdentity,
-    policy::{
-        facts::{BodyFacts, HeaderFacts, RequestFacts},
-        AgentEntities, PolicyEngine,
-    },
-};
+use wl_daemon::policy::{AgentEntities, PolicyEngine};
+
+mod common;
 
 fn policies(n: usize) -> String {
     let mut s = String::from("@id(\"no-uploads\")\nforbid(principal, action == Wl::Action::\"Request\", resource) when { context.path like \"/v1/files*\" };\n");
@@ -77,27 +73,8 @@ fn percentiles(mut v: Vec<f64>) -> (f64, f64) {
 }
 
 fn main() {
-    let agent = AgentIdentity {
-        pid: 4242,
-        tid: 4242,
-        uid: 1000,
-        gid: 1000,
-        user: Some("bot".into()),
-        comm: "python3".into(),
-        exe: Some("/usr/bin/python3".into()),
-        cgroup: Some("/agents.slice/bot7.service".into()),
-        cgroup_id: 99,
-        unit: Some("bot7.service".into()),
-    };
-    let facts = RequestFacts {
-        method: "POST".into(),
-        path: "/v1/chat/completions".into(),
-        query: String::new(),
-        headers: HeaderFacts(vec![("content_type", "application/json".into())]),
-        body: BodyFacts { model: Some("gpt-4o-mini".into()), stream: Some(false), max_tokens: Some(256) },
-        hour: 10,
-        weekday: 2,
-    };
+    let agent = common::agent();
+    let facts = common::chat_request();
     let mut out = Vec::new();
     for n in [10usize, 1000] {
         let engine = PolicyEngine::from_sources(&[("bench.cedar".into(), policies(n))], "bench".into())
