@@ -367,12 +367,12 @@ pub fn write_section(heading: &str, body: &str) -> anyhow::Result<()> {
 }
 
 /// `cargo xtask bench compare` (see `bench_compare.rs`), with an intercepted cgroup.
-pub fn compare(write: bool) -> anyhow::Result<()> {
+pub fn compare(write: bool, only: &[String]) -> anyhow::Result<()> {
     if !nix_is_root() {
         bail!("the comparison attaches eBPF programs: run `cargo xtask bench compare` as root");
     }
     let hooked = Cgroup::new("compare")?;
-    crate::bench_compare::run(write, &hooked.dir, &hooked.name)
+    crate::bench_compare::run(write, only, &hooked.dir, &hooked.name)
 }
 
 fn nix_is_root() -> bool {

@@ -41,6 +41,8 @@ const MANY_CONNECTIONS: u32 = 10_000;
 const SSE_SAMPLES: usize = 15;
 const WL_CONNECT: &str = "127.0.2.4:3128";
 const MITM_LISTEN: &str = "127.0.2.5:8080";
+/// `--only` name of the 10,000-connection run.
+const MANY: &str = "many";
 
 /// How a system is reached.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -281,12 +283,18 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Runs the comparison and (with `write`) puts its section into BENCHMARKS.md.
-pub fn run(write: bool, cgroup_dir: &Path, cgroup_name: &str) -> anyhow::Result<()> {
+pub fn run(write: bool, only: &[String], cgroup_dir: &Path, cgroup_name: &str) -> anyhow::Result<()> {
+    for name in only {
+        if name != MANY && !SYSTEMS.iter().any(|s| s.name == name) {
+            let names: Vec<&str> = SYSTEMS.iter().map(|s| s.name).chain([MANY]).collect();
+            bail!("--only {name:?}: not a system of the comparison; one of {names:?}");
+        }
+    }
     let (oha, mitmdump) = tools()?;
     let dir = bench_tls::scratch()?;
-    let result = measure(&dir, &oha, &mitmdump, cgroup_dir, cgroup_name);
+    let result = measure(&dir, &oha, &mitmdump, only, cgroup_dir, cgroup_name);
     let _ = std::fs::remove_dir_all(&dir);
-    let (section, svg) = result?;
+    let Some((section, svg)) = result? else { return Ok(()) };
     println!("{section}");
     if write {
         let svg_path = workspace_root().join("docs/benchmarks-latency.svg");
@@ -300,13 +308,16 @@ pub fn run(write: bool, cgroup_dir: &Path, cgroup_name: &str) -> anyhow::Result<
 /// The heading of this command's section in BENCHMARKS.md.
 pub const COMPARISON_HEADING: &str = "## Comparison: direct, nginx, wl, mitmproxy";
 
+/// Measures every system (or those in `only`, printing them instead of reporting).
 fn measure(
     dir: &Path,
     oha: &Path,
     mitmdump: &Path,
+    only: &[String],
     cgroup_dir: &Path,
     cgroup_name: &str,
-) -> anyhow::Result<(String, String)> {
+) -> anyhow::Result<Option<(String, String)>> {
+    let wanted = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
     bench_tls::pki(dir)?;
     std::fs::write(dir.join("nginx.conf"), bench_tls::nginx_conf(dir))?;
     let proxy_hosts = dir.join("hosts-proxies");
@@ -383,6 +394,9 @@ fn measure(
     for round in 0..ROUNDS {
         eprintln!("xtask bench compare: round {} of {ROUNDS}", round + 1);
         for (i, system) in SYSTEMS.iter().enumerate() {
+            if !wanted(system.name) {
+                continue;
+            }
             let prefix = client_prefix(dir, system, cgroup_dir)?;
             let pids = system.proxy.map(pid_of).unwrap_or_default();
             let cpu_before = cpu_us(&pids);
@@ -421,7 +435,14 @@ fn measure(
         .collect();
     rss.insert("wl start-up", startup_wl);
 
+    if !only.is_empty() {
+        print_focused(&samples, &rss, only);
+    }
+    if !wanted(MANY) {
+        return Ok(None);
+    }
     // wl with 10,000 open keep-alive connections (its peak memory; requests rate-limited).
+    reset_peak_rss(&pid_of("wl"));
     let transparent = &SYSTEMS[2];
     let prefix = client_prefix(dir, transparent, cgroup_dir)?;
     let many = oha_run(oha, &prefix, transparent, &format!("-z 15s -c {MANY_CONNECTIONS} -q 4000"));
@@ -431,7 +452,26 @@ fn measure(
         Err(e) => format!("the run reported: {e}"),
     };
 
-    Ok(report(&samples, &rss, rss_many, &many_note, oha))
+    if !only.is_empty() {
+        println!("wl with {MANY_CONNECTIONS} open keep-alive connections: peak RSS {rss_many:.1} MiB ({many_note})");
+        return Ok(None);
+    }
+    Ok(Some(report(&samples, &rss, rss_many, &many_note, oha)))
+}
+
+/// `--only`: the measured systems' medians, printed.
+fn print_focused(samples: &[Samples], rss: &BTreeMap<&str, f64>, only: &[String]) {
+    println!("| system | keep-alive req/s | p50 ms | p99 ms | 1 connection p50 ms | new connection p50 ms | CPU µs/request |");
+    for (i, sys) in SYSTEMS.iter().enumerate() {
+        if only.iter().any(|o| o == sys.name) {
+            let a = summarize(&samples[i], 0..ROUNDS);
+            println!(
+                "| {} | {:.0} | {:.2} | {:.2} | {:.3} | {:.3} | {:.0} |",
+                sys.name, a.rps, a.p50, a.p99, a.one_p50, a.new_p50, a.cpu_us
+            );
+        }
+    }
+    println!("peak RSS under load: {rss:?}");
 }
 
 /// Medians over a range of rounds.

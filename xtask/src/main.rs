@@ -57,6 +57,11 @@ enum Task {
         /// Print results without rewriting BENCHMARKS.md.
         #[arg(long)]
         no_write: bool,
+        /// `compare` only: measure just these systems (repeatable; `many` for the
+        /// 10,000-connection run alone), print them, and write nothing. For iterating on
+        /// one number; the full comparison is what BENCHMARKS.md reports.
+        #[arg(long)]
+        only: Vec<String>,
     },
     /// Build the Debian package (target/debian/wl_VERSION_ARCH.deb) from a release build.
     Deb,
@@ -114,12 +119,12 @@ fn main() -> anyhow::Result<()> {
             test(filter.as_deref(), &deb, &tree, &machine)
         }
         Task::Lint => lint(),
-        Task::Bench { what, no_write } => {
+        Task::Bench { what, no_write, only } => {
             setup::setup()?;
             build(true)?;
             match what.as_deref() {
                 None => bench::run(!no_write),
-                Some("compare") => bench::compare(!no_write),
+                Some("compare") => bench::compare(!no_write, &only),
                 Some(other) => {
                     bail!("unknown benchmark `{other}`: `cargo xtask bench` or `cargo xtask bench compare`")
                 }
