@@ -125,6 +125,40 @@ fn server_sent_events_stream_event_by_event() {
     );
 }
 
+/// An idle keep-alive connection is parked (hyper's state freed) and its next requests,
+/// pipelined in one write, are served on the same connection as if nothing happened.
+#[test]
+fn idle_keep_alive_connections_are_parked_and_resume() {
+    let cg = TestCgroup::new("park");
+    let home = DaemonHome::new();
+    let dir = home.dir.path();
+    let root = TestRoot::new(dir);
+    let api = FakeApi::start(dir, "127.0.1.14", &root.server_cert("api", &[API], false));
+    let metrics = wl_e2e::free_port("127.0.0.1");
+    let _daemon =
+        start_daemon(&home, &cg, &root.cert, &format!("\n[metrics]\nlisten = \"127.0.0.1:{metrics}\"\n"));
+    let view = AgentView::new(dir, &[(API, "127.0.1.14")], &[&beacon_ca(&home)]);
+    let r = json_of(view.command(Some(&cg), "python3").arg(fixture("keepalive_client.py")).args([
+        API,
+        "0.6",
+        &format!("http://127.0.0.1:{metrics}/metrics"),
+    ]));
+    assert_eq!(r["statuses"], serde_json::json!([200, 200, 200]), "{r}");
+    assert_eq!(r["first"], r["third"], "{r}");
+    assert!(r["second"].as_str().unwrap().contains("hello from the fake API (gpt-4o-mini)"), "{r}");
+    // Not parked right after a response; parked while idle; busy again after the requests.
+    assert_eq!(r["parked_before"], 0.0, "{r}");
+    assert_eq!(r["parked_idle"], 1.0, "{r}");
+    assert_eq!(r["parked_after"], 0.0, "{r}");
+    assert_eq!(api.entries("request").len(), 3, "{:?}", api.entries("request"));
+    // One connection carried all three requests.
+    let conn = home.wait_audit("for the connection record", |r| r["kind"] == "connection");
+    assert_eq!(conn["requests"], 3, "{conn}");
+    assert!(conn["error"].is_null(), "{conn}");
+    let conns = home.audit_records().into_iter().filter(|r| r["kind"] == "connection").count();
+    assert_eq!(conns, 1);
+}
+
 #[test]
 fn host_that_disagrees_with_sni_gets_421_and_nothing_goes_upstream() {
     let cg = TestCgroup::new("misdirect");

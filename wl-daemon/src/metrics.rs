@@ -96,6 +96,8 @@ pub struct Metrics {
     pub audit_queued: AtomicU64,
     /// Requests whose response head has not been returned yet.
     pub requests_in_flight: AtomicU64,
+    /// Idle HTTP/1.1 keep-alive connections parked without hyper's state.
+    pub connections_parked: AtomicU64,
 }
 
 /// Counts one unit of work in progress on a gauge for as long as it lives.
@@ -257,6 +259,13 @@ impl Metrics {
             "Requests received whose response head has not been returned yet.",
         );
         let _ = writeln!(out, "wl_requests_in_flight {}", self.requests_in_flight.load(Ordering::Relaxed));
+        family(
+            &mut out,
+            "wl_connections_parked",
+            "gauge",
+            "Idle HTTP/1.1 keep-alive connections parked: only their TLS session is kept until the next request.",
+        );
+        let _ = writeln!(out, "wl_connections_parked {}", self.connections_parked.load(Ordering::Relaxed));
         family(
             &mut out,
             "wl_audit_batch_duration_seconds",

@@ -150,7 +150,8 @@ impl Protocol {
 
 /// Serves HTTP on `io` until the client is done (HTTP/1.1 with upgrades, or HTTP/2). A
 /// known protocol gets its own connection type: the version-detecting one costs about
-/// 8 KB more per connection and a read before the first request.
+/// 8 KB more per connection and a read before the first request. HTTP/1.1 connections are
+/// parked while idle (`park`).
 pub async fn serve<IO>(io: IO, ctx: Arc<ConnContext>, protocol: Protocol) -> Result<(), String>
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -161,15 +162,9 @@ where
     });
     let io = TokioIo::new(io);
     let timer = hyper_util::rt::TokioTimer::new();
-    let header_timeout = std::time::Duration::from_secs(60);
+    let header_timeout = super::park::KEEP_ALIVE_IDLE;
     match protocol {
-        Protocol::Http1 => hyper::server::conn::http1::Builder::new()
-            .timer(timer)
-            .header_read_timeout(header_timeout)
-            .serve_connection(io, service)
-            .with_upgrades()
-            .await
-            .map_err(|e| e.to_string()),
+        Protocol::Http1 => super::park::serve_http1(io.into_inner(), service).await,
         Protocol::Http2 => hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .timer(timer)
             .serve_connection(io, service)

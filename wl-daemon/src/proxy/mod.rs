@@ -8,6 +8,7 @@
 pub mod credential;
 pub mod explicit;
 pub mod http;
+pub mod park;
 pub mod splice;
 pub mod upstream;
 
