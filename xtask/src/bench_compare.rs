@@ -41,6 +41,8 @@ const MANY_CONNECTIONS: u32 = 10_000;
 const SSE_SAMPLES: usize = 15;
 const WL_CONNECT: &str = "127.0.2.4:3128";
 const MITM_LISTEN: &str = "127.0.2.5:8080";
+/// wl's Prometheus endpoint (for looking at a run; nothing reads it).
+const WL_METRICS: &str = "127.0.2.6:9464";
 /// `--only` name of the 10,000-connection run.
 const MANY: &str = "many";
 
@@ -333,7 +335,7 @@ fn measure(
     bench_tls::wait_port(&format!("{}:443", bench_tls::NGINX_PROXY_IP))?;
 
     let wl_config = dir.join("wl.toml");
-    let connect = format!("[connect]\nlisten = {WL_CONNECT:?}\n");
+    let connect = format!("[connect]\nlisten = {WL_CONNECT:?}\n[metrics]\nlisten = {WL_METRICS:?}\n");
     std::fs::write(&wl_config, bench_tls::wl_config_text(dir, cgroup_name, &connect))?;
     let release = workspace_root().join("target/release");
     let broker = start(
@@ -343,12 +345,17 @@ fn measure(
         &[("WL_LOG", "warn")],
     )?;
     bench_tls::store_bench_secret(dir, &wl_config)?;
-    let wl = start(
-        "wl",
-        &proxy_hosts,
-        &[release.join("wl-daemon").as_os_str(), &os("run"), &os("--config"), wl_config.as_os_str()],
-        &[("WL_LOG", "warn")],
-    )?;
+    // WL_BENCH_WRAP runs the daemon under a profiler, e.g. "heaptrack -o /tmp/wl" (docs/profile.md).
+    let mut wl_argv: Vec<std::ffi::OsString> =
+        std::env::var("WL_BENCH_WRAP").unwrap_or_default().split_whitespace().map(os).collect();
+    wl_argv.extend([
+        release.join("wl-daemon").into_os_string(),
+        os("run"),
+        os("--config"),
+        wl_config.clone().into_os_string(),
+    ]);
+    let wl_argv: Vec<&std::ffi::OsStr> = wl_argv.iter().map(|a| a.as_os_str()).collect();
+    let wl = start("wl", &proxy_hosts, &wl_argv, &[("WL_LOG", "warn")])?;
     bench_tls::wait_port(WL_CONNECT)?;
 
     let mitm = start(
