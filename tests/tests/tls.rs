@@ -353,6 +353,34 @@ fn hostile_client_hellos_end_only_their_own_connection() {
         .collect();
     assert!(errors.iter().any(|e| e.contains("neither TLS nor HTTP")), "{errors:?}");
     assert!(errors.iter().any(|e| e.contains("no complete TLS ClientHello")), "{errors:?}");
+
+    // Stalled handshakes hold none of the daemon's handshake slots (a few per CPU): with
+    // more of them waiting for their 3 s timeout than there are slots, a new agent's
+    // handshake goes through at once.
+    let stalled: Vec<std::process::Child> = (0..12)
+        .map(|_| {
+            view.command(Some(&cg), "python3")
+                .arg(fixture("hostile.py"))
+                .args(["stall", API, "443"])
+                .arg(&beacon)
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    let out = output(view.command(Some(&cg), "curl").args([
+        "-sS",
+        "--max-time",
+        "2",
+        &format!("https://{API}/v1/models"),
+    ]));
+    assert!(out.status.success(), "behind stalled handshakes: {}", String::from_utf8_lossy(&out.stderr));
+    for child in stalled {
+        let r: Value = serde_json::from_slice(&child.wait_with_output().unwrap().stdout).unwrap();
+        assert_ne!(r["closed"], "still open", "{r}");
+    }
+    assert_eq!(requests_for(&api, "/v1/models").len(), 3);
 }
 
 #[test]
