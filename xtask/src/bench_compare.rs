@@ -41,7 +41,7 @@ const MANY_CONNECTIONS: u32 = 10_000;
 const SSE_SAMPLES: usize = 15;
 const WL_CONNECT: &str = "127.0.2.4:3128";
 const MITM_LISTEN: &str = "127.0.2.5:8080";
-/// wl's Prometheus endpoint (for looking at a run; nothing reads it).
+/// wl's Prometheus endpoint: its gauges are read during the 10,000-connection run.
 const WL_METRICS: &str = "127.0.2.6:9464";
 /// `--only` name of the 10,000-connection run.
 const MANY: &str = "many";
@@ -452,10 +452,19 @@ fn measure(
     reset_peak_rss(&pid_of("wl"));
     let transparent = &SYSTEMS[2];
     let prefix = client_prefix(dir, transparent, cgroup_dir)?;
-    let many = oha_run(oha, &prefix, transparent, &format!("-z 15s -c {MANY_CONNECTIONS} -q 4000"));
+    let watching = std::sync::atomic::AtomicBool::new(true);
+    let (many, gauges) = std::thread::scope(|scope| {
+        let watcher = scope.spawn(|| watch_wl_gauges(&watching));
+        let many = oha_run(oha, &prefix, transparent, &format!("-z 15s -c {MANY_CONNECTIONS} -q 4000"));
+        watching.store(false, std::sync::atomic::Ordering::Relaxed);
+        (many, watcher.join().unwrap_or_default())
+    });
     let rss_many = peak_rss_mib(&pid_of("wl"));
     let many_note = match many {
-        Ok(l) => format!("{:.0} requests over 15 s", l.requests),
+        Ok(l) => format!(
+            "{:.0} requests over 15 s; at most {:.0} requests in flight at once, {:.0} connections parked at most",
+            l.requests, gauges.max_in_flight, gauges.max_parked
+        ),
         Err(e) => format!("the run reported: {e}"),
     };
 
@@ -464,6 +473,34 @@ fn measure(
         return Ok(None);
     }
     Ok(Some(report(&samples, &rss, rss_many, &many_note, oha)))
+}
+
+/// The highest values of wl's gauges seen during a run.
+#[derive(Default)]
+struct Gauges {
+    max_in_flight: f64,
+    max_parked: f64,
+}
+
+/// Reads wl's metrics twice a second while `watching` holds.
+fn watch_wl_gauges(watching: &std::sync::atomic::AtomicBool) -> Gauges {
+    let mut g = Gauges::default();
+    while watching.load(std::sync::atomic::Ordering::Relaxed) {
+        let out = Command::new("curl")
+            .args(["-s", "--max-time", "1", &format!("http://{WL_METRICS}/metrics")])
+            .output();
+        let text = out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+        let value = |name: &str| -> f64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0.0)
+        };
+        g.max_in_flight = g.max_in_flight.max(value("wl_requests_in_flight"));
+        g.max_parked = g.max_parked.max(value("wl_connections_parked"));
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    g
 }
 
 /// `--only`: the measured systems' medians, printed.
