@@ -13,14 +13,11 @@ pub mod splice;
 pub mod upstream;
 
 use std::{
-    future::Future,
     net::SocketAddr,
-    pin::Pin,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc,
     },
-    task::Poll,
     time::{Duration, Instant},
 };
 
@@ -99,8 +96,6 @@ pub struct Shared {
     pub audit_durable: bool,
     /// `[[credential]]` bindings and the broker (none configured: `None`).
     pub credentials: Option<credential::Credentials>,
-    /// Agent TLS handshakes whose CPU-heavy first step may run at once (`terminate`).
-    handshake_slots: tokio::sync::Semaphore,
     next_id: AtomicU64,
 }
 
@@ -132,7 +127,6 @@ impl Shared {
             audit_durable: true,
             credentials: None,
             entities: EntityCache::default(),
-            handshake_slots: tokio::sync::Semaphore::new(handshake_slots()),
             next_id: AtomicU64::new(1),
         }
     }
@@ -288,22 +282,6 @@ async fn dispatch(
     }
 }
 
-/// How many agent TLS handshakes may do their first step at once: twice the CPUs the
-/// daemon may run on.
-///
-/// That step (the ClientHello processed, the key exchange and the leaf's signature done,
-/// the server's flight written) is about half a millisecond of CPU and waits for nothing.
-/// When thousands of agents connect at once, running them all as they come fills the
-/// runtime's queue with that work, and the connections already established (their
-/// requests, and the upstream connections carrying them) wait behind all of it: requests
-/// pile up in flight, each holding its buffers. With the step bounded, the others wait
-/// for a slot as accepted sockets, their ClientHello still in the kernel, and the
-/// established traffic keeps flowing between handshakes. The rest of a handshake (waiting
-/// for the agent's answer) holds no slot, so a client that stalls blocks nobody.
-fn handshake_slots() -> usize {
-    2 * std::thread::available_parallelism().map(usize::from).unwrap_or(1)
-}
-
 /// Terminates TLS for `sni` on `io` with a leaf from the beacon CA and serves HTTP on it.
 pub async fn terminate<IO>(
     io: IO,
@@ -316,18 +294,7 @@ where
 {
     shared.leaves.get(sni).await.map_err(|e| e.to_string())?;
     let acceptor = tokio_rustls::TlsAcceptor::from(shared.server_tls.clone());
-    let handshake = async {
-        let mut accept = acceptor.accept(io);
-        {
-            let _slot = shared.handshake_slots.acquire().await.expect("the semaphore is never closed");
-            let first = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut accept).poll(cx))).await;
-            if let Poll::Ready(done) = first {
-                return done;
-            }
-        }
-        accept.await
-    };
-    let tls = tokio::time::timeout(shared.tls.handshake_timeout, handshake)
+    let tls = tokio::time::timeout(shared.tls.handshake_timeout, acceptor.accept(io))
         .await
         .map_err(|_| format!("TLS handshake not finished within {:?}", shared.tls.handshake_timeout))?
         .map_err(|e| format!("TLS handshake with the agent failed: {e}"))?;
