@@ -50,9 +50,8 @@ pub enum PeekError {
 const TLS_HANDSHAKE: u8 = 0x16;
 
 /// The first peek's buffer. Most ClientHellos fit (a few hundred bytes to about 2 KiB with
-/// post-quantum key shares); a larger one grows it, up to the caller's limit. Starting at
-/// the limit cost every connection 32 KiB while its hello was awaited: 10,000 agents
-/// connecting at once held 320 MB.
+/// post-quantum key shares); a larger one grows it, up to the caller's limit, rather than
+/// every connection zeroing and holding the whole limit (32 KiB) while its hello is awaited.
 const FIRST_PEEK: usize = 4 * 1024;
 
 /// Peeks until the connection is classified, `max` bytes are pending, or `timeout` passes.
