@@ -181,22 +181,6 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Parkable<IO> {
     }
 }
 
-/// Counts parked connections on the `wl_connections_parked` gauge while it lives.
-struct ParkedGauge;
-
-impl ParkedGauge {
-    fn enter() -> Self {
-        METRICS.connections_parked.fetch_add(1, Ordering::Relaxed);
-        Self
-    }
-}
-
-impl Drop for ParkedGauge {
-    fn drop(&mut self) {
-        METRICS.connections_parked.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 /// How one hyper connection on the stream ended.
 enum Episode<IO> {
     /// The connection is over (closed by either side, upgraded, or failed).
@@ -229,7 +213,7 @@ where
             Episode::Parked(io) => io,
         };
         if io.prefix.is_empty() {
-            let _parked = ParkedGauge::enter();
+            let _parked = crate::metrics::InFlight::enter(&METRICS.connections_parked);
             // The first bytes of the next request; hyper reads the rest.
             let mut first = [0u8; 64];
             match tokio::time::timeout(KEEP_ALIVE_IDLE, io.io.read(&mut first)).await {
