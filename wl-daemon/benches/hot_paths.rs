@@ -1,6 +1,7 @@
 //! Criterion microbenchmarks of the pieces every governed request runs through, each alone
 //! (no sockets, no other process): leaf minting (a new name, and a cache hit), the Cedar
-//! decision per request, SCT signing and verification, and one audit append.
+//! decision per request, SCT signing and verification, one audit append, and the scan of
+//! a response for an injected credential.
 //!
 //! `cargo xtask bench` runs them with `cargo bench -p wl-daemon --bench hot_paths` and
 //! writes the medians Criterion estimates (`target/criterion/*/new/estimates.json`) into
@@ -20,8 +21,10 @@ use ed25519_dalek::SigningKey;
 use wl_daemon::{
     audit::trail::{Pending, Trail, TrailOptions},
     broker::sct::{self, Binding, Claims},
+    broker::store::SecretValue,
     config::Mode,
     policy::{AgentEntities, PolicyEngine},
+    proxy::credential::Redactor,
     tls::{ca::BeaconCa, leaf::LeafCache},
 };
 
@@ -153,6 +156,24 @@ fn audit_append(c: &mut Criterion) {
     group.finish();
 }
 
+fn credential_redaction(c: &mut Criterion) {
+    // A chat completion's size (the bench upstreams' body is about 1.2 KB) with no
+    // credential in it: what every response on a credential-bound host pays.
+    let redactor =
+        Redactor::new(&SecretValue::new(b"sk-proj-0123456789abcdefghijklmnopqrstuvwxyz+/ABCDEF".to_vec()));
+    let body: Vec<u8> = br#"{"id":"chatcmpl-1","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"lorem ipsum dolor sit amet"}}]}"#
+        .iter()
+        .copied()
+        .cycle()
+        .take(1200)
+        .collect();
+    let mut group = c.benchmark_group("credential");
+    group.bench_function("redact_scan_1200_bytes", |b| {
+        b.iter(|| black_box(redactor.redact(black_box(&body))))
+    });
+    group.finish();
+}
+
 criterion_group! {
     name = hot_paths;
     // Short runs: `cargo xtask bench` runs everything else too.
@@ -160,6 +181,6 @@ criterion_group! {
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2))
         .sample_size(50);
-    targets = leaf_minting, cedar_decision, sct_sign_and_verify, audit_append
+    targets = leaf_minting, cedar_decision, sct_sign_and_verify, audit_append, credential_redaction
 }
 criterion_main!(hot_paths);

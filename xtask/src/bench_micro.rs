@@ -20,6 +20,10 @@ const BENCHES: &[(&str, &str)] = &[
     ("sct/sign", "SCT signing (Ed25519)"),
     ("sct/verify", "SCT verification (verify_strict, validity, binding)"),
     ("audit/append_one", "audit append of one request record (hash chain, JSON, write)"),
+    (
+        "credential/redact_scan_1200_bytes",
+        "scan of a 1.2 KB response for an injected credential's four forms (none found)",
+    ),
 ];
 
 /// Medians in nanoseconds, by benchmark id (`group/name`).

@@ -5,8 +5,9 @@
 //!
 //! The header value's bytes are owned by a buffer that zeroes itself when hyper drops the
 //! request head. To redact echoes of the secret in responses without keeping it, the proxy
-//! keeps only fingerprints (length and a Rabin-Karp hash under a per-process random base) of
-//! its raw, base64 and URL-encoded forms ([`Redactor`]).
+//! keeps only fingerprints of its raw, base64 and URL-encoded forms ([`Redactor`]): length,
+//! a Rabin-Karp hash under a per-process random base, and a lossy 20-bit keyed tag of the
+//! first eight bytes that makes the scan one cheap pass.
 
 use std::collections::HashMap;
 
@@ -130,33 +131,94 @@ fn header_value(format: &str, value: &SecretValue) -> Option<HeaderValue> {
     Some(header)
 }
 
-/// Mersenne prime 2^61 - 1: the Rabin-Karp modulus.
+/// Mersenne prime 2^61 - 1: the Rabin-Karp modulus. Reducing modulo it takes a shift and
+/// an add rather than a division (a 128-bit `%` cost 60 µs per kilobyte scanned).
 const MODULUS: u64 = (1 << 61) - 1;
 
-fn mul_mod(a: u64, b: u64) -> u64 {
-    ((u128::from(a) * u128::from(b)) % u128::from(MODULUS)) as u64
+/// `x mod 2^61 - 1` for any `x < 2^122` (the product of two reduced values), reduced.
+#[inline]
+fn reduce(x: u128) -> u64 {
+    // 2^61 ≡ 1: fold the high bits onto the low ones (twice brings any such x under 2^61 + 1).
+    let x = (x as u64 & MODULUS) + (x >> 61) as u64;
+    let x = (x & MODULUS) + (x >> 61);
+    if x >= MODULUS {
+        x - MODULUS
+    } else {
+        x
+    }
 }
 
-/// The per-process random base: fingerprints mean nothing outside this process.
-fn base() -> u64 {
-    static BASE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    *BASE.get_or_init(|| {
-        let mut b = [0u8; 8];
+#[inline]
+fn mul_mod(a: u64, b: u64) -> u64 {
+    reduce(u128::from(a) * u128::from(b))
+}
+
+/// `(a + b) mod 2^61 - 1` for reduced `a` and `b`.
+#[inline]
+fn add_mod(a: u64, b: u64) -> u64 {
+    let x = a + b;
+    if x >= MODULUS {
+        x - MODULUS
+    } else {
+        x
+    }
+}
+
+/// Per-process random keys: fingerprints mean nothing outside this process.
+struct Keys {
+    /// The Rabin-Karp base, in `[256, MODULUS - 256)`.
+    base: u64,
+    /// The odd multiplier of [`anchor_tag`].
+    anchor: u64,
+}
+
+fn keys() -> &'static Keys {
+    static KEYS: std::sync::OnceLock<Keys> = std::sync::OnceLock::new();
+    KEYS.get_or_init(|| {
+        let mut b = [0u8; 16];
         getrandom::fill(&mut b).expect("the kernel's randomness is available");
-        256 + u64::from_le_bytes(b) % (MODULUS - 512)
+        let (base, anchor) = b.split_at(8);
+        Keys {
+            base: 256 + u64::from_le_bytes(base.try_into().expect("8 bytes")) % (MODULUS - 512),
+            anchor: u64::from_le_bytes(anchor.try_into().expect("8 bytes")) | 1,
+        }
     })
 }
 
 fn hash(bytes: &[u8]) -> u64 {
-    let b = base();
-    bytes.iter().fold(0, |h, &x| (mul_mod(h, b) + u64::from(x)) % MODULUS)
+    let b = keys().base;
+    bytes.iter().fold(0, |h, &x| add_mod(mul_mod(h, b), u64::from(x)))
+}
+
+/// Bits kept of a form's first eight bytes: enough that a position of ordinary text passes
+/// the anchor check once in a million, few enough that the tag says little about the
+/// secret.
+const ANCHOR_BITS: u32 = 20;
+
+/// A keyed, lossy tag of eight bytes (multiplicative hashing, top bits kept); `key` is
+/// [`Keys::anchor`].
+#[inline]
+fn anchor_tag(eight: [u8; 8], key: u64) -> u32 {
+    (u64::from_le_bytes(eight).wrapping_mul(key) >> (64 - ANCHOR_BITS)) as u32
+}
+
+/// One form of the secret, by fingerprint.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Form {
+    len: usize,
+    /// [`anchor_tag`] of its first eight bytes: the cheap check at every position.
+    anchor: u32,
+    /// Rabin-Karp hash of the whole form: the check where the anchor matches.
+    hash: u64,
 }
 
 /// Finds a secret's forms in response bytes from fingerprints alone.
 #[derive(Clone)]
 pub struct Redactor {
-    /// (length, hash, base^(length-1)) per form.
-    forms: Vec<(usize, u64, u64)>,
+    forms: Vec<Form>,
+    /// Bit `tag % 1024` set for each form's anchor: one test per position rules out
+    /// almost every position before the forms are looked at.
+    filter: [u64; 16],
 }
 
 impl std::fmt::Debug for Redactor {
@@ -166,7 +228,12 @@ impl std::fmt::Debug for Redactor {
 }
 
 /// Forms shorter than this are not looked for (they would match by chance in real text).
+/// It is also the anchor's width.
 const MIN_FORM: usize = 8;
+
+fn first_eight(bytes: &[u8]) -> [u8; 8] {
+    bytes[..MIN_FORM].try_into().expect("at least eight bytes")
+}
 
 impl Redactor {
     /// Fingerprints of the raw, base64 (standard and URL-safe) and URL-encoded forms.
@@ -183,40 +250,48 @@ impl Redactor {
             if form.len() < MIN_FORM {
                 continue;
             }
-            let top = (1..form.len()).fold(1, |p, _| mul_mod(p, base()));
-            let print = (form.len(), hash(form), top);
+            let mut eight = Zeroizing::new(first_eight(form));
+            let print = Form { len: form.len(), anchor: anchor_tag(*eight, keys().anchor), hash: hash(form) };
+            eight.zeroize();
             if !prints.contains(&print) {
                 prints.push(print);
             }
         }
-        Self { forms: prints }
+        let mut filter = [0u64; 16];
+        for form in &prints {
+            let bit = form.anchor as usize % 1024;
+            filter[bit / 64] |= 1 << (bit % 64);
+        }
+        Self { forms: prints, filter }
     }
 
     /// Byte ranges of `data` holding a form of the secret (sorted, merged).
+    ///
+    /// One pass: at each position, the tag of the next eight bytes is compared with each
+    /// form's anchor; only where one matches is the form's full hash computed there. (A
+    /// rolling hash per form cost about 8 ns per byte and form, 40 µs per kilobyte.)
     pub fn find(&self, data: &[u8]) -> Vec<std::ops::Range<usize>> {
-        let b = base();
-        let mut found = Vec::new();
-        for &(len, target, top) in &self.forms {
-            if data.len() < len {
+        let mut found: Vec<std::ops::Range<usize>> = Vec::new();
+        if self.forms.is_empty() || data.len() < MIN_FORM {
+            return found;
+        }
+        let key = keys().anchor;
+        for (i, window) in data.windows(MIN_FORM).enumerate() {
+            let tag = anchor_tag(first_eight(window), key);
+            let bit = tag as usize % 1024;
+            if self.filter[bit / 64] & (1 << (bit % 64)) == 0 {
                 continue;
             }
-            let mut h = hash(&data[..len]);
-            let mut i = 0;
-            loop {
-                if h == target {
-                    found.push(i..i + len);
+            for form in &self.forms {
+                if tag == form.anchor
+                    && i + form.len <= data.len()
+                    && hash(&data[i..i + form.len]) == form.hash
+                {
+                    found.push(i..i + form.len);
                 }
-                if i + len == data.len() {
-                    break;
-                }
-                // Slide: drop data[i], add data[i + len].
-                let drop = mul_mod(u64::from(data[i]), top);
-                h = (h + MODULUS - drop) % MODULUS;
-                h = (mul_mod(h, b) + u64::from(data[i + len])) % MODULUS;
-                i += 1;
             }
         }
-        found.sort_by_key(|r| r.start);
+        // Positions ascend already; merge overlaps.
         let mut merged: Vec<std::ops::Range<usize>> = Vec::new();
         for r in found {
             match merged.last_mut() {
@@ -299,6 +374,29 @@ mod tests {
         assert_eq!(r.redact_headers(&mut headers), 1);
         assert_eq!(headers["x-echo"], "[redacted by wl]");
         assert_eq!(headers["x-other"], "fine");
+    }
+
+    #[test]
+    fn fast_reduction_agrees_with_division() {
+        let m = u128::from(MODULUS);
+        let edges = [0, 1, MODULUS - 1, MODULUS, MODULUS + 1, (1 << 61), u64::MAX >> 2];
+        for &a in &edges {
+            for &b in &edges {
+                let (a, b) = (a % MODULUS, b % MODULUS);
+                assert_eq!(u128::from(mul_mod(a, b)), u128::from(a) * u128::from(b) % m, "{a} * {b}");
+                assert_eq!(u128::from(add_mod(a, b)), (u128::from(a) + u128::from(b)) % m, "{a} + {b}");
+            }
+        }
+        let mut x = 0x9e37_79b9_7f4a_7c15_u64;
+        for _ in 0..100_000 {
+            // xorshift: enough spread to reach every bit pattern's carries.
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let (a, b) = (x % MODULUS, x.rotate_left(29) % MODULUS);
+            assert_eq!(u128::from(mul_mod(a, b)), u128::from(a) * u128::from(b) % m);
+        }
+        assert_eq!(reduce(m * m - 1), ((m * m - 1) % m) as u64);
     }
 
     #[test]
