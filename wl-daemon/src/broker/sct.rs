@@ -209,17 +209,48 @@ pub fn verify(
     skew_ms: i64,
     binding: &Binding<'_>,
 ) -> Result<Claims, Refusal> {
+    verify_inner(token, key_for, now_ms, skew_ms, binding, None)
+}
+
+/// [`verify`], except that a token `recent` holds byte for byte (one this process signed
+/// and has not seen presented yet) needs no signature check: this process made that exact
+/// signature, so checking it again can only succeed. Every other check is made all the
+/// same, and any other token, including one with a remembered jti but other bytes, has its
+/// signature verified.
+pub fn verify_recent(
+    token: &str,
+    key_for: impl Fn(&[u8; 8]) -> Option<VerifyingKey>,
+    now_ms: i64,
+    skew_ms: i64,
+    binding: &Binding<'_>,
+    recent: &mut RecentlySigned,
+) -> Result<Claims, Refusal> {
+    verify_inner(token, key_for, now_ms, skew_ms, binding, Some(recent))
+}
+
+fn verify_inner(
+    token: &str,
+    key_for: impl Fn(&[u8; 8]) -> Option<VerifyingKey>,
+    now_ms: i64,
+    skew_ms: i64,
+    binding: &Binding<'_>,
+    recent: Option<&mut RecentlySigned>,
+) -> Result<Claims, Refusal> {
     let encoded = token.strip_prefix(PREFIX).ok_or(Refusal::Malformed)?;
     let raw = URL_SAFE_NO_PAD.decode(encoded).map_err(|_| Refusal::Malformed)?;
     let split = raw.len().checked_sub(64).ok_or(Refusal::Malformed)?;
     let (body, signature) = raw.split_at(split);
     let claims = Claims::decode(body).ok_or(Refusal::Malformed)?;
+    // A retired key refuses its tokens, remembered or not.
     let key = key_for(&claims.kid).ok_or(Refusal::UnknownKey)?;
-    let signature = Signature::from_slice(signature).map_err(|_| Refusal::Malformed)?;
-    let mut msg = Vec::with_capacity(DOMAIN.len() + body.len());
-    msg.extend_from_slice(DOMAIN);
-    msg.extend_from_slice(body);
-    key.verify_strict(&msg, &signature).map_err(|_| Refusal::BadSignature)?;
+    let signed_here = recent.is_some_and(|r| r.take(&claims.jti, token));
+    if !signed_here {
+        let signature = Signature::from_slice(signature).map_err(|_| Refusal::Malformed)?;
+        let mut msg = Vec::with_capacity(DOMAIN.len() + body.len());
+        msg.extend_from_slice(DOMAIN);
+        msg.extend_from_slice(body);
+        key.verify_strict(&msg, &signature).map_err(|_| Refusal::BadSignature)?;
+    }
     // Only now, with the claims authentic, do their values mean anything.
     if claims.issued_ms > now_ms + skew_ms || claims.expires_ms - claims.issued_ms > MAX_TTL_MS {
         return Err(Refusal::NotYetValid);
@@ -240,6 +271,71 @@ pub fn verify(
         return Err(Refusal::WrongRequest);
     }
     Ok(claims)
+}
+
+/// Tokens this process signed and has not yet seen presented, by jti: the SHA-256 of the
+/// whole token and its expiry.
+///
+/// The proxy redeems a token within microseconds of its issue, at the same broker, so
+/// the broker would otherwise verify, at twice the cost of signing (about 40 µs), the
+/// signature it has just made. The signature still matters for every token this table
+/// does not hold: after a restart, from another broker sharing the ledger, or altered.
+/// Bounded: expired entries are dropped when it is full, and when it is still full a new
+/// token is simply not remembered (its redemption verifies the signature).
+#[derive(Debug)]
+pub struct RecentlySigned {
+    tokens: std::collections::HashMap<[u8; 16], ([u8; 32], i64)>,
+    capacity: usize,
+}
+
+impl RecentlySigned {
+    /// Holds at most `capacity` tokens.
+    pub fn new(capacity: usize) -> Self {
+        Self { tokens: std::collections::HashMap::new(), capacity }
+    }
+
+    /// Remembers `token`, just signed with `claims`.
+    pub fn remember(&mut self, token: &str, claims: &Claims, now_ms: i64) {
+        if self.tokens.len() >= self.capacity {
+            // Past its expiry and the skew no token is accepted, remembered or not.
+            self.tokens.retain(|_, (_, expires_ms)| *expires_ms + super::SKEW_MS >= now_ms);
+            if self.tokens.len() >= self.capacity {
+                return;
+            }
+        }
+        self.tokens.insert(claims.jti, (token_digest(token), claims.expires_ms));
+    }
+
+    /// Whether `token` is, byte for byte, the one remembered under `jti`. The entry is
+    /// forgotten either way: a token is presented once, and a forgotten one still verifies
+    /// by its signature.
+    fn take(&mut self, jti: &[u8; 16], token: &str) -> bool {
+        match self.tokens.remove(jti) {
+            Some((digest, _)) => {
+                let presented = token_digest(token);
+                // Constant time, out of habit: neither digest is secret.
+                digest.iter().zip(presented).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+            }
+            None => false,
+        }
+    }
+
+    /// Tokens remembered now.
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// Whether none is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+}
+
+fn token_digest(token: &str) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(b"wl-sct-recent-v1\0");
+    h.update(token.as_bytes());
+    h.finalize().into()
 }
 
 /// The digest that binds a token to one agent process: what does not change while the
@@ -367,6 +463,58 @@ mod tests {
         assert_eq!(check(&token, &k, NOW, &Binding { secret: "anthropic", ..b }), Err(Refusal::WrongSecret));
         let get = request_digest("GET", "/v1/models");
         assert_eq!(check(&token, &k, NOW, &Binding { request: &get, ..b }), Err(Refusal::WrongRequest));
+    }
+
+    #[test]
+    fn recently_signed_tokens_skip_only_the_signature_check() {
+        let k = key(1);
+        let c = claims(&k, NOW);
+        let token = sign(&k, &c);
+        let req = request_digest("POST", "/v1/chat/completions");
+        let b = binding(&req);
+        let kid = key_id(&k.verifying_key());
+        let public = k.verifying_key();
+        let keys = |k: &[u8; 8]| (*k == kid).then_some(public);
+
+        let mut recent = RecentlySigned::new(8);
+        recent.remember(&token, &c, NOW);
+        assert_eq!(recent.len(), 1);
+        // Every other check still holds for a remembered token, and presenting it forgets it.
+        assert_eq!(
+            verify_recent(&token, keys, NOW, 5_000, &Binding { host: "api.anthropic.com", ..b }, &mut recent),
+            Err(Refusal::WrongHost)
+        );
+        assert!(recent.is_empty());
+        recent.remember(&token, &c, NOW);
+        assert_eq!(verify_recent(&token, keys, NOW + 36_000, 5_000, &b, &mut recent), Err(Refusal::Expired));
+        recent.remember(&token, &c, NOW);
+        assert_eq!(verify_recent(&token, |_| None, NOW, 5_000, &b, &mut recent), Err(Refusal::UnknownKey));
+        recent.remember(&token, &c, NOW);
+        assert_eq!(verify_recent(&token, keys, NOW, 5_000, &b, &mut recent).unwrap(), c);
+        assert!(recent.is_empty());
+
+        // Same jti, other bytes (a forged signature): the signature is checked and fails.
+        recent.remember(&token, &c, NOW);
+        let mut raw = URL_SAFE_NO_PAD.decode(token.strip_prefix(PREFIX).unwrap()).unwrap();
+        let last = raw.len() - 1;
+        raw[last] ^= 0x01;
+        let forged = format!("{PREFIX}{}", URL_SAFE_NO_PAD.encode(&raw));
+        assert_eq!(verify_recent(&forged, keys, NOW, 5_000, &b, &mut recent), Err(Refusal::BadSignature));
+        // The genuine token, no longer remembered, still verifies by its signature.
+        assert_eq!(verify_recent(&token, keys, NOW, 5_000, &b, &mut recent).unwrap(), c);
+
+        // Bounded: when full, expired entries go; when still full, new ones are not kept.
+        let mut small = RecentlySigned::new(2);
+        let with_jti = |jti: u8, now: i64| Claims { jti: [jti; 16], ..claims(&k, now) };
+        small.remember("a", &with_jti(1, NOW), NOW);
+        small.remember("b", &with_jti(2, NOW), NOW);
+        small.remember("c", &with_jti(3, NOW), NOW + 1);
+        assert_eq!(small.len(), 2);
+        assert!(!small.take(&[3; 16], "c"), "not kept while the others are live");
+        let later = NOW + 30_000 + 5_001;
+        small.remember("d", &with_jti(4, later), later);
+        assert_eq!(small.len(), 1, "the expired ones were dropped");
+        assert!(small.take(&[4; 16], "d"));
     }
 
     #[test]

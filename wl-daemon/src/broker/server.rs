@@ -42,8 +42,15 @@ struct Vault {
     store: SecretStore,
     keys: KeyRing,
     ledger: Ledger,
+    /// Tokens issued and not yet redeemed, so that redeeming them skips re-verifying the
+    /// signature just made (see [`sct::RecentlySigned`]).
+    recent: sct::RecentlySigned,
     last_used: HashMap<String, i64>,
 }
+
+/// Issued tokens remembered until redeemed: far more than the requests a proxy has
+/// between issue and redeem at once; beyond it, redemptions verify signatures.
+const RECENT_TOKENS: usize = 4096;
 
 struct Broker {
     vault: Mutex<Vault>,
@@ -126,7 +133,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
     let last_used = read_usage(&dir);
     let broker = Arc::new(Broker {
-        vault: Mutex::new(Vault { store, keys, ledger, last_used }),
+        vault: Mutex::new(Vault {
+            store,
+            keys,
+            ledger,
+            recent: sct::RecentlySigned::new(RECENT_TOKENS),
+            last_used,
+        }),
         decisions: Mutex::new(HashMap::new()),
         policy: arc_swap::ArcSwap::from_pointee(policy),
         policy_dir: config.broker.policy_dir.clone(),
@@ -474,7 +487,9 @@ impl Broker {
                 host: use_.host.clone(),
                 secret: use_.secret.clone(),
             };
-            Ok((sct::sign(signer, &claims), claims.jti_hex()))
+            let token = sct::sign(signer, &claims);
+            vault.recent.remember(&token, &claims, now);
+            Ok((token, claims.jti_hex()))
         })();
         let reply = match reply {
             Ok((token, jti)) => {
@@ -534,20 +549,28 @@ impl Broker {
         let agent = sct::agent_digest(use_.agent.as_ref());
         let request = sct::request_digest(&use_.method, &use_.path);
         let binding = Binding { agent: &agent, request: &request, host: &use_.host, secret: &use_.secret };
-        let result = sct::verify(token, |kid| vault.keys.verifier(kid, now), now, SKEW_MS, &binding)
-            .map_err(|r| (r.code(), format!("token refused: {r}")))
-            .and_then(|claims| {
-                match vault.ledger.redeem(&claims.jti, claims.issued_ms, claims.expires_ms, now) {
-                    Ok(Ok(())) => Ok(claims),
-                    Ok(Err(r)) => Err((r.code(), format!("token refused: {r}"))),
-                    // Not recorded, so not handed out: single use must hold.
-                    Err(e) => Err(("ledger_error", format!("cannot record the token in the ledger: {e}"))),
-                }
-            })
-            .and_then(|claims| match vault.store.value(&claims.secret) {
-                Ok(v) => Ok((claims, v)),
-                Err(e) => Err((refusal_code(&e), e.to_string())),
-            });
+        let keys = &vault.keys;
+        let result = sct::verify_recent(
+            token,
+            |kid| keys.verifier(kid, now),
+            now,
+            SKEW_MS,
+            &binding,
+            &mut vault.recent,
+        )
+        .map_err(|r| (r.code(), format!("token refused: {r}")))
+        .and_then(|claims| {
+            match vault.ledger.redeem(&claims.jti, claims.issued_ms, claims.expires_ms, now) {
+                Ok(Ok(())) => Ok(claims),
+                Ok(Err(r)) => Err((r.code(), format!("token refused: {r}"))),
+                // Not recorded, so not handed out: single use must hold.
+                Err(e) => Err(("ledger_error", format!("cannot record the token in the ledger: {e}"))),
+            }
+        })
+        .and_then(|claims| match vault.store.value(&claims.secret) {
+            Ok(v) => Ok((claims, v)),
+            Err(e) => Err((refusal_code(&e), e.to_string())),
+        });
         let reply = match result {
             Ok((claims, value)) => {
                 record.ok = true;
