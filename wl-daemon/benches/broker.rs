@@ -1,6 +1,7 @@
 //! The secrets broker's round trip as the proxy makes it per request: `issue` (peer check,
-//! the `UseSecret` Cedar policy, an Ed25519 signature) then `redeem` (verify_strict,
-//! binding, the ledger append, decryption), on one kept-open connection to a real
+//! the `UseSecret` Cedar policy, an Ed25519 signature) then `redeem` (the token
+//! recognised as one it just signed, so no signature check; validity, binding, the ledger
+//! append, decryption), on one kept-open connection to a real
 //! `wl-daemon broker` process. Also each half alone. Prints one JSON object of p50/p99 in
 //! microseconds.
 

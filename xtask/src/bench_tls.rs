@@ -503,8 +503,8 @@ pub fn broker_round_trip() -> anyhow::Result<String> {
          Command: `cargo bench -p wl-daemon --bench broker` (run by `cargo xtask bench`, once with the \
          broker and its client free to run on either CPU, once both pinned to CPU 1 with taskset). A real \
          `wl-daemon broker` process; one kept-open Unix-socket connection, as the proxy keeps; per sample an \
-         `issue` (peer check, UseSecret policy, Ed25519 signature) then a `redeem` (verify_strict, binding, \
-         ledger append, decryption), each also writing the broker's audit record. 5,000 samples after 500 \
+         `issue` (peer check, UseSecret policy, Ed25519 signature) then a `redeem` (the token recognised as \
+         just issued, so no signature check; validity, binding, ledger append, decryption), each also writing the broker's audit record. 5,000 samples after 500 \
          warm-up. `status` is a request that does no work: the transport alone.\n\n\
          | placement | issue + redeem p50 µs | p99 µs | issue p50 | redeem p50 | status round trip p50 | target p50 < 150 µs |\n\
          |---|---|---|---|---|---|---|\n",
