@@ -402,25 +402,36 @@ pub fn report(r: &Results, mint: &str) -> String {
          \"1,000 policies\": a fourth name to which 1,000 policies apply that no prefilter can leave out \
          (Cedar evaluates every one on every request, the worst case); the other names see only a \
          permit-all base policy.\n\n\
-         | system | keep-alive req/s ({CONNECTIONS} conns) | p50 ms | p99 ms | 1 keep-alive connection p50 ms | new connection per request (1 at a time) p50 ms | req/s |\n\
-         |---|---|---|---|---|---|---|\n"
+         New connection per request: one connection at a time, each closed after its request \
+         (`Connection: close`). wrk's latency starts when the request is written, after the TCP and TLS \
+         handshakes, so it leaves the handshake out; the whole cycle (connect, handshake, request, \
+         close) is the inverse of the rate, and that is what the target is checked against.\n\n\
+         | system | keep-alive req/s ({CONNECTIONS} conns) | p50 ms | p99 ms | 1 keep-alive connection p50 ms | new connection: request p50 ms | new connection: whole cycle ms | req/s |\n\
+         |---|---|---|---|---|---|---|---|\n"
     );
     for (name, ka, one, new) in &r.rows {
         s.push_str(&format!(
-            "| {name} | {:.0} | {:.2} | {:.2} | {:.3} | {:.3} | {:.0} |\n",
-            ka.rps, ka.p50, ka.p99, one.p50, new.p50, new.rps
+            "| {name} | {:.0} | {:.2} | {:.2} | {:.3} | {:.3} | {:.3} | {:.0} |\n",
+            ka.rps,
+            ka.p50,
+            ka.p99,
+            one.p50,
+            new.p50,
+            1000.0 / new.rps,
+            new.rps
         ));
     }
     let vs_nginx = w_ka.rps / n_ka.rps;
     let vs_direct = w_ka.rps / d_ka.rps;
     let added_one = w_one.p50 - d_one.p50;
-    let new_added = w_new.p50 - d_new.p50;
+    // Connections are made one at a time: the cycle is the inverse of the rate.
+    let new_added = 1000.0 / w_new.rps - 1000.0 / d_new.rps;
     s.push_str(&format!(
         "\n| target | measured | |\n|---|---|---|\n\
          | keep-alive throughput ≥ 90% of nginx's | {:.0}% | {} |\n\
          | keep-alive throughput ≥ 50% of direct | {:.0}% | {} |\n\
          | one keep-alive connection: < 0.1 ms added at p50 | {:+.3} ms | {} |\n\
-         | new connection: < 1 ms added | {:+.3} ms at p50 (TLS handshake with wl, leaf cached, upstream pooled) | {} |\n\
+         | new connection: < 1 ms added | {:+.3} ms per connection (connect, TLS handshake with wl, request, close; leaf cached, upstream pooled) | {} |\n\
          \nCredential injection, whole path: keep-alive throughput {:.0}% of wl without a credential; one \
          keep-alive connection {:+.3} ms at p50.\n\
          \nDurable decisions (enforce) vs asynchronous records (observe): keep-alive throughput {:.0}%; one \
