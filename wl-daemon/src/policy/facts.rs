@@ -8,7 +8,7 @@ use cedar_policy::RestrictedExpression;
 use serde_json::{json, Map, Value};
 
 /// Facts for `Connect`.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConnectFacts {
     /// Destination address.
     pub ip: IpAddr,

@@ -246,8 +246,27 @@ impl PolicyEngine {
     }
 
     /// Decides a connection.
+    ///
+    /// Remembered per agent and host for the last few destinations: the decision depends
+    /// only on the policies (their generation), the agent's entities and these facts, and
+    /// an agent opens connection after connection to the same address and name, each
+    /// otherwise paying for the context (an `ip` extension value) and an evaluation.
     pub fn decide_connect(&self, agent: &AgentEntities, facts: &facts::ConnectFacts) -> Decision {
-        self.decide("Connect", agent, || facts.to_pairs(), None)
+        let mut seen = agent.connects.lock().expect("connect decision cache poisoned");
+        if let Some((_, _, d)) = seen.iter().find(|(g, f, _)| *g == self.generation && f == facts) {
+            return d.clone();
+        }
+        drop(seen);
+        let decision = self.decide("Connect", agent, || facts.to_pairs(), None);
+        // Errors are not kept: a decision that failed is made again, and recorded again.
+        if decision.errors.is_empty() {
+            seen = agent.connects.lock().expect("connect decision cache poisoned");
+            if seen.len() >= CONNECT_CACHE {
+                seen.remove(0);
+            }
+            seen.push((self.generation, facts.clone(), decision.clone()));
+        }
+        decision
     }
 
     /// Decides an HTTP request.
@@ -395,7 +414,12 @@ pub struct AgentEntities {
     /// action: Cedar evaluates every policy it is given, so giving it only these keeps a
     /// large set cheap.
     relevant: std::sync::Mutex<Vec<(u64, &'static str, Arc<Relevant>)>>,
+    /// Recent connect decisions (engine generation, facts, decision), oldest first.
+    connects: std::sync::Mutex<Vec<(u64, facts::ConnectFacts, Decision)>>,
 }
+
+/// How many connect decisions an agent and host keep.
+const CONNECT_CACHE: usize = 8;
 
 /// The policies whose scope may apply to one agent, host and action.
 struct Relevant {
@@ -501,7 +525,14 @@ impl AgentEntities {
     pub fn new(agent: Option<&AgentIdentity>, host: &str) -> Self {
         let (principal, host, ancestors, list) = entity_list(agent, host);
         let entities = Entities::from_entities(list, None).expect("distinct entities");
-        Self { principal, host, ancestors, entities, relevant: std::sync::Mutex::new(Vec::new()) }
+        Self {
+            principal,
+            host,
+            ancestors,
+            entities,
+            relevant: std::sync::Mutex::new(Vec::new()),
+            connects: std::sync::Mutex::new(Vec::new()),
+        }
     }
 }
 
@@ -832,6 +863,35 @@ mod tests {
         };
         assert!(engine.decide_connect(&AgentEntities::new(None, "api.openai.com"), &api).allow);
         assert!(engine.decide_request(&AgentEntities::new(None, "api.openai.com"), &chat(None)).allow);
+    }
+
+    #[test]
+    fn remembered_connect_decisions_follow_the_facts_and_the_policies() {
+        let engine = PolicyEngine::builtin();
+        // One agent and host for every connection below, so one cache.
+        let a = AgentEntities::new(Some(&agent("/agents.slice/bot.service", 1000)), "api.openai.com");
+        let to = |ip: &str, port: u16| facts::ConnectFacts {
+            ip: ip.parse().unwrap(),
+            port,
+            tls: true,
+            sni: Some("api.openai.com".into()),
+        };
+        for _ in 0..3 {
+            assert!(engine.decide_connect(&a, &to("127.0.1.1", 443)).allow);
+            assert!(!engine.decide_connect(&a, &to("169.254.169.254", 443)).allow, "not the cached allow");
+        }
+        // More destinations than the cache holds: each still decided on its own facts.
+        for port in 1..=(CONNECT_CACHE as u16 * 2) {
+            assert!(engine.decide_connect(&a, &to("127.0.1.1", port)).allow);
+        }
+        assert!(a.connects.lock().unwrap().len() <= CONNECT_CACHE);
+        assert!(!engine.decide_connect(&a, &to("169.254.169.254", 443)).allow);
+        // A reloaded policy set (a new generation) is not answered from the old one's.
+        let src = "permit(principal, action, resource);\nforbid(principal, action == Wl::Action::\"Connect\", resource) when { context.port == 443 };";
+        let strict = PolicyEngine::from_sources(&[("t.cedar".into(), src.into())], "t".into()).unwrap();
+        let d = strict.decide_connect(&a, &to("127.0.1.1", 443));
+        assert!(!d.allow, "{d:?}");
+        assert!(engine.decide_connect(&a, &to("127.0.1.1", 443)).allow);
     }
 
     /// Cedar's own answer over the engine's whole set: (allow, sorted determining policies,
