@@ -283,7 +283,14 @@ where
         (Ok(()), true) => match conn.into_parts() {
             Some(parts) => {
                 let mut io = parts.io.into_inner();
-                io.prefix = parts.read_buf;
+                // `read_buf` is a view of hyper's whole read buffer (8 KiB or more), empty
+                // or not: keeping it would keep that buffer for as long as the connection
+                // is parked. What hyper read ahead, if anything, is copied out.
+                io.prefix = if parts.read_buf.is_empty() {
+                    Bytes::new()
+                } else {
+                    Bytes::copy_from_slice(&parts.read_buf)
+                };
                 Episode::Parked(io)
             }
             // Upgraded meanwhile: the upgrade owns the stream now.
