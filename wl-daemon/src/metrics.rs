@@ -98,6 +98,8 @@ pub struct Metrics {
     pub requests_in_flight: AtomicU64,
     /// Idle HTTP/1.1 keep-alive connections parked without hyper's state.
     pub connections_parked: AtomicU64,
+    /// Accepted connections waiting for a handshake slot (`proxy::admission`).
+    pub connections_waiting: AtomicU64,
 }
 
 /// Counts one unit of work in progress on a gauge for as long as it lives.
@@ -266,6 +268,13 @@ impl Metrics {
             "Idle HTTP/1.1 keep-alive connections parked: only their TLS session is kept until the next request.",
         );
         let _ = writeln!(out, "wl_connections_parked {}", self.connections_parked.load(Ordering::Relaxed));
+        family(
+            &mut out,
+            "wl_connections_waiting",
+            "gauge",
+            "Accepted connections waiting for one of the handshake slots (at most 64 connections are in their handshake at once).",
+        );
+        let _ = writeln!(out, "wl_connections_waiting {}", self.connections_waiting.load(Ordering::Relaxed));
         family(
             &mut out,
             "wl_audit_batch_duration_seconds",

@@ -5,6 +5,7 @@
 //! daemon's own connects are exempt from redirection), relay bytes both ways unchanged, and
 //! write one audit record when the connection ends. TLS termination builds on this path.
 
+pub mod admission;
 pub mod credential;
 pub mod explicit;
 pub mod http;
@@ -96,6 +97,8 @@ pub struct Shared {
     pub audit_durable: bool,
     /// `[[credential]]` bindings and the broker (none configured: `None`).
     pub credentials: Option<credential::Credentials>,
+    /// Handshake slots for new connections.
+    pub admission: admission::Gate,
     next_id: AtomicU64,
 }
 
@@ -127,6 +130,7 @@ impl Shared {
             audit_durable: true,
             credentials: None,
             entities: EntityCache::default(),
+            admission: admission::Gate::default(),
             next_id: AtomicU64::new(1),
         }
     }
@@ -198,8 +202,14 @@ async fn handle(
     record.dst = Some(dst.to_string());
     record.agent = Some(identity.clone());
 
+    // Boxed: a connection waiting for its handshake slot keeps only this small future, not
+    // the space of everything it will do once admitted.
+    let admitted = Box::pin(async {
+        let slot = shared.admission.enter().await;
+        dispatch(agent, dst, identity, conn_id, &shared, &mut record, slot).await
+    });
     let outcome = tokio::select! {
-        outcome = dispatch(agent, dst, identity, conn_id, &shared, &mut record) => outcome,
+        outcome = admitted => outcome,
         _ = stop.cancelled() => Err("closed: wl-daemon shutting down".into()),
     };
     if let Err(e) = outcome {
@@ -216,9 +226,11 @@ async fn dispatch(
     conn_id: u64,
     shared: &Arc<Shared>,
     record: &mut ConnectionRecord,
+    mut slot: admission::Slot,
 ) -> Result<(), String> {
-    let peeked =
-        hello::peek(&agent, MAX_CLIENT_HELLO, shared.server_first_after, shared.tls.handshake_timeout).await;
+    let peeked = slot
+        .hold(hello::peek(&agent, MAX_CLIENT_HELLO, shared.server_first_after, shared.tls.handshake_timeout))
+        .await;
     let peeked = match peeked {
         Ok(p) => p,
         // Another protocol on a port other than HTTPS's: wl cannot read it, so it passes
@@ -253,7 +265,7 @@ async fn dispatch(
                 http::Scheme::Https,
                 shared.clone(),
             ));
-            let result = terminate(agent, &sni, ctx.clone(), shared).await;
+            let result = terminate(agent, &sni, ctx.clone(), shared, Some(slot)).await;
             record.requests = ctx.requests();
             result
         }
@@ -283,21 +295,30 @@ async fn dispatch(
 }
 
 /// Terminates TLS for `sni` on `io` with a leaf from the beacon CA and serves HTTP on it.
+/// The handshake runs in the connection's admission `slot` (one is taken when the caller
+/// has none), which is freed as soon as it is done.
 pub async fn terminate<IO>(
     io: IO,
     sni: &str,
     ctx: Arc<http::ConnContext>,
     shared: &Shared,
+    slot: Option<admission::Slot>,
 ) -> Result<(), String>
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    shared.leaves.get(sni).await.map_err(|e| e.to_string())?;
+    let mut slot = match slot {
+        Some(slot) => slot,
+        None => shared.admission.enter().await,
+    };
+    slot.hold(shared.leaves.get(sni)).await.map_err(|e| e.to_string())?;
     let acceptor = tokio_rustls::TlsAcceptor::from(shared.server_tls.clone());
-    let tls = tokio::time::timeout(shared.tls.handshake_timeout, acceptor.accept(io))
+    let tls = slot
+        .hold(tokio::time::timeout(shared.tls.handshake_timeout, acceptor.accept(io)))
         .await
         .map_err(|_| format!("TLS handshake not finished within {:?}", shared.tls.handshake_timeout))?
         .map_err(|e| format!("TLS handshake with the agent failed: {e}"))?;
+    drop(slot);
     let protocol = http::Protocol::from_alpn(tls.get_ref().1.alpn_protocol());
     http::serve(tls, ctx, protocol).await
 }
