@@ -121,7 +121,8 @@ mod tests {
         });
         // Someone else gets the only slot once the lease has run out, long before the
         // stalled step ends.
-        let next = tokio::time::timeout(SLOT_LEASE * 2, gate.enter()).await.expect("the lease frees the slot");
+        let next =
+            tokio::time::timeout(SLOT_LEASE * 2, gate.enter()).await.expect("the lease frees the slot");
         assert!(next.is_held());
         assert!(!stalled_step.is_finished());
         stalled_step.abort();
