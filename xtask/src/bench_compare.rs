@@ -462,8 +462,8 @@ fn measure(
     let rss_many = peak_rss_mib(&pid_of("wl"));
     let many_note = match many {
         Ok(l) => format!(
-            "{:.0} requests over 15 s; at most {:.0} requests in flight at once, {:.0} connections parked at most",
-            l.requests, gauges.max_in_flight, gauges.max_parked
+            "{:.0} requests over 15 s; at most {:.0} requests in flight at once, {:.0} connections parked, {:.0} waiting for a handshake slot",
+            l.requests, gauges.max_in_flight, gauges.max_parked, gauges.max_waiting
         ),
         Err(e) => format!("the run reported: {e}"),
     };
@@ -480,6 +480,7 @@ fn measure(
 struct Gauges {
     max_in_flight: f64,
     max_parked: f64,
+    max_waiting: f64,
 }
 
 /// Reads wl's metrics twice a second while `watching` holds.
@@ -498,6 +499,7 @@ fn watch_wl_gauges(watching: &std::sync::atomic::AtomicBool) -> Gauges {
         };
         g.max_in_flight = g.max_in_flight.max(value("wl_requests_in_flight"));
         g.max_parked = g.max_parked.max(value("wl_connections_parked"));
+        g.max_waiting = g.max_waiting.max(value("wl_connections_waiting"));
         std::thread::sleep(std::time::Duration::from_millis(500));
     }
     g
