@@ -153,7 +153,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         "wl-daemon ready"
     );
     crate::service::ready();
-    release_startup_memory();
     let watchdog = crate::service::watchdog();
 
     let watcher = tokio::spawn(policy::watch(policy.clone(), POLICY_POLL));
@@ -239,16 +238,4 @@ pub(crate) fn lock_exclusive(path: &Path, taken: impl FnOnce() -> String) -> any
         .with_context(|| format!("cannot open lock file `{}`", path.display()))?;
     Flock::lock(file, FlockArg::LockExclusiveNonblock)
         .map_err(|(_, errno)| anyhow::anyhow!("{} ({errno})", taken()))
-}
-
-/// Gives the memory that start-up used and freed (the eBPF object and its BTF, the policy
-/// parse, the trust roots) back to the system. glibc keeps freed heap memory for reuse,
-/// and start-up's allocations are a few megabytes that the steady state never needs.
-fn release_startup_memory() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim only walks the allocator's own free lists; it has no
-    // preconditions and is safe to call at any time from any thread.
-    unsafe {
-        libc::malloc_trim(0);
-    }
 }
