@@ -235,3 +235,38 @@ fn other_client_first_protocols_are_spliced_except_on_443() {
     let rec = home.wait_audit("for the binary connection", |r| r["kind"] == "connection");
     assert_eq!(rec["action"], "splice", "{rec}");
 }
+
+/// Spliced connections give their handshake slot back: more long-lived spliced
+/// connections than there are slots (64) stay open together, and new ones still get through.
+#[test]
+fn long_lived_spliced_connections_do_not_hold_handshake_slots() {
+    let cg = TestCgroup::new("manysplice");
+    let home = DaemonHome::new();
+    let tcp = Upstream::tcp(home.dir.path(), "127.0.2.9", 0);
+    let _daemon = Daemon::start(&home, &DaemonConfig::new(&cg, &[tcp.addr.port()]));
+    // Each connection is checked end to end (banner, then its own bytes echoed) and kept
+    // open while the next ones are made.
+    let script = format!(
+        "import socket\nsocks = []\nfor i in range(100):\n    s = socket.create_connection(('127.0.2.9', {}))\n    \
+         s.settimeout(10)\n    s.sendall(b'%04d' % i)\n    data = b''\n    while len(data) < 24: data += s.recv(100)\n    \
+         assert data[20:] == b'%04d' % i, data\n    socks.append(s)\nprint(len(socks))",
+        tcp.addr.port()
+    );
+    let out = cg.command("python3").args(["-c", &script]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "100");
+    // ...and every one went through wl: one splice record each once they have closed.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let spliced = home
+            .audit_records()
+            .iter()
+            .filter(|r| r["kind"] == "connection" && r["action"] == "splice" && r["error"].is_null())
+            .count();
+        if spliced == 100 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{spliced} of 100 splice records");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}

@@ -237,6 +237,7 @@ async fn dispatch(
         // untouched, as it would without wl. On 443 a non-TLS stream is refused: nothing
         // legitimate speaks it there, and it must not become a way around governance.
         Err(hello::PeekError::Unknown(_)) if dst.port() != HTTPS_PORT => {
+            drop(slot);
             return splice_to(agent, dst, record).await;
         }
         Err(e) => return Err(e.to_string()),
@@ -251,6 +252,8 @@ async fn dispatch(
         let _ = nix::sys::socket::setsockopt(&agent, nix::sys::socket::sockopt::Linger, &linger);
         return Err(denied);
     }
+    // The slot stays with a connection only through its TLS handshake: every other way on
+    // (splice, plain HTTP) frees it first, since those can last as long as the connection.
     match peeked {
         Peeked::Tls { sni: Some(sni), .. } if shared.tls.is_governed(&sni) => {
             record.action = "terminate";
@@ -271,11 +274,16 @@ async fn dispatch(
         }
         Peeked::Tls { sni, .. } => {
             // Not governed: the agent talks to the real server, certificate and all.
+            drop(slot);
             record.host = sni;
             splice_to(agent, dst, record).await
         }
-        Peeked::Silent => splice_to(agent, dst, record).await,
+        Peeked::Silent => {
+            drop(slot);
+            splice_to(agent, dst, record).await
+        }
         Peeked::PlainHttp => {
+            drop(slot);
             record.action = "http";
             let _ = agent.set_nodelay(true);
             let ctx = Arc::new(http::ConnContext::new(
