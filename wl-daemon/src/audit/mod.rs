@@ -177,7 +177,6 @@ pub struct RequestRecord {
     /// The `Request` decision.
     #[serde(flatten)]
     pub policy: PolicyOutcome,
-    /// What went wrong, if anything.
     /// The secret bound to the host (`[[credential]]`), when there is one.
     pub secret: Option<String>,
     /// The SCT it was obtained with.
@@ -189,10 +188,10 @@ pub struct RequestRecord {
     pub credential_error: Option<String>,
     /// How many echoes of the credential were redacted from the response.
     pub redactions: usize,
+    /// What went wrong, if anything.
     pub error: Option<String>,
 }
 
-/// A policy decision as recorded: flattened into connection and request records.
 /// One secrets-broker event (written by the broker to its own trail). Never a value.
 #[derive(Debug, Default, Serialize)]
 pub struct SecretRecord {
@@ -239,6 +238,7 @@ impl SecretRecord {
     }
 }
 
+/// A policy decision as recorded: flattened into connection and request records.
 #[derive(Debug, Default, Serialize)]
 pub struct PolicyOutcome {
     /// `allow` or `deny`.
