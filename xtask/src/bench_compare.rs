@@ -321,7 +321,7 @@ fn measure(
 ) -> anyhow::Result<Option<(String, String)>> {
     let wanted = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
     bench_tls::pki(dir)?;
-    std::fs::write(dir.join("nginx.conf"), bench_tls::nginx_conf(dir))?;
+    let nginx_confs = bench_tls::write_nginx_confs(dir)?;
     let proxy_hosts = dir.join("hosts-proxies");
     std::fs::write(
         &proxy_hosts,
@@ -329,8 +329,10 @@ fn measure(
     )?;
     let os = |s: &str| std::ffi::OsString::from(s);
 
-    let nginx =
-        start("nginx", &proxy_hosts, &[&os("nginx"), &os("-c"), dir.join("nginx.conf").as_os_str()], &[])?;
+    // Two nginx processes: the upstream, and the proxy measured (its CPU and memory alone).
+    let _upstream =
+        start("upstream nginx", &proxy_hosts, &[&os("nginx"), &os("-c"), nginx_confs.0.as_os_str()], &[])?;
+    let nginx = start("nginx", &proxy_hosts, &[&os("nginx"), &os("-c"), nginx_confs.1.as_os_str()], &[])?;
     bench_tls::wait_port(&format!("{}:443", bench_tls::UPSTREAM_IP))?;
     bench_tls::wait_port(&format!("{}:443", bench_tls::NGINX_PROXY_IP))?;
 
@@ -602,7 +604,8 @@ fn report(
         s,
         "{COMPARISON_HEADING}\n\n{machine}\
          Command: `cargo xtask bench compare`. Upstream: nginx {nginx_version}, TLS, serving a 1.2 KB chat completion \
-         (`/v1/chat/completions`) and a server-sent-events body (`/v1/sse`). Generator: {oha_version} \
+         (`/v1/chat/completions`) and a server-sent-events body (`/v1/sse`); the nginx proxy is a second nginx \
+         process (its CPU and memory alone are the proxy's). Generator: {oha_version} \
          (`--insecure` for every system alike), pinned to CPU 0; proxies and upstream pinned to CPU 1. \
          mitmproxy {mitm_version}, regular mode. wl: release build, `observe`, audit trail on, the built-in \
          policies; \"+ credential\" adds a key from the broker (SCT issue and redeem) to every request. \

@@ -108,27 +108,50 @@ pub fn pki(dir: &Path) -> anyhow::Result<()> {
     ))
 }
 
-/// The upstream (JSON body, SSE body) and the reverse proxy in front of it.
-pub fn nginx_conf(dir: &Path) -> String {
+/// The upstream's and the reverse proxy's nginx configurations, in that order: two
+/// processes, as they would be on two machines. (One nginx serving both would answer its
+/// own upstream requests in the same event loop, with no process switch between the two
+/// hops, and its CPU time and memory would include the upstream's.)
+fn nginx_confs(dir: &Path) -> (String, String) {
     let d = dir.display();
     // ~1.2 KB: the size of a short chat completion.
     let body = r#"{"id":"chatcmpl-bench","object":"chat.completion","created":0,"model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor incididunt ut labore et dolore magna aliqua. Ut enim ad minim veniam, quis nostrud exercitation ullamco laboris nisi ut aliquip ex ea commodo consequat. Duis aute irure dolor in reprehenderit in voluptate velit esse cillum dolore eu fugiat nulla pariatur. Excepteur sint occaecat cupidatat non proident, sunt in culpa qui officia deserunt mollit anim id est laborum. Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor incididunt ut labore et dolore magna aliqua. Ut enim ad minim veniam, quis nostrud exercitation ullamco laboris nisi ut aliquip ex ea commodo consequat."},"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":140,"total_tokens":152}}"#;
     // A streamed chat completion's first events.
     // (`\n` is nginx's escape for a newline in a quoted string.)
     let sse = r#"data: {"choices":[{"delta":{"content":"Hello"}}]}\n\ndata: [DONE]\n\n"#;
-    format!(
-        "worker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/nginx-error.log;\ndaemon off;\n\
-         events {{ worker_connections 19000; }}\n\
-         http {{\n  access_log off;\n  keepalive_requests 1000000;\n\
-           upstream api {{ server {UPSTREAM_IP}:443; keepalive 128; }}\n\
+    let head = |name: &str| {
+        format!(
+            "worker_processes 1;\npid {d}/nginx-{name}.pid;\nerror_log {d}/nginx-{name}-error.log;\ndaemon off;\n\
+             events {{ worker_connections 19000; }}\n"
+        )
+    };
+    let upstream = format!(
+        "{}http {{\n  access_log off;\n  keepalive_requests 1000000;\n\
            server {{\n    listen {UPSTREAM_IP}:443 ssl http2;\n    ssl_certificate {d}/api.pem;\n    ssl_certificate_key {d}/api.key;\n\
              location / {{ default_type application/json; return 200 '{body}'; }}\n\
-             location /v1/sse {{ default_type text/event-stream; return 200 '{sse}'; }}\n  }}\n\
+             location /v1/sse {{ default_type text/event-stream; return 200 '{sse}'; }}\n  }}\n}}\n",
+        head("upstream")
+    );
+    let proxy = format!(
+        "{}http {{\n  access_log off;\n  keepalive_requests 1000000;\n\
+           upstream api {{ server {UPSTREAM_IP}:443; keepalive 128; }}\n\
            server {{\n    listen {NGINX_PROXY_IP}:443 ssl http2;\n    ssl_certificate {d}/api.pem;\n    ssl_certificate_key {d}/api.key;\n\
              location / {{\n      proxy_pass https://api;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n\
                proxy_ssl_verify on;\n      proxy_ssl_trusted_certificate {d}/root.pem;\n      proxy_ssl_name {HOST};\n\
-               proxy_ssl_server_name on;\n      proxy_ssl_session_reuse on;\n    }}\n  }}\n}}\n"
-    )
+               proxy_ssl_server_name on;\n      proxy_ssl_session_reuse on;\n    }}\n  }}\n}}\n",
+        head("proxy")
+    );
+    (upstream, proxy)
+}
+
+/// Writes the two nginx configurations (see [`nginx_confs`]) into `dir` and returns their
+/// paths: (upstream, proxy).
+pub fn write_nginx_confs(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let (upstream, proxy) = nginx_confs(dir);
+    let paths = (dir.join("nginx-upstream.conf"), dir.join("nginx-proxy.conf"));
+    std::fs::write(&paths.0, upstream)?;
+    std::fs::write(&paths.1, proxy)?;
+    Ok(paths)
 }
 
 /// A started process, stopped (SIGTERM, then SIGKILL after 5 s) on drop.
@@ -251,15 +274,18 @@ pub fn store_bench_secret(dir: &Path, wl_config: &Path) -> anyhow::Result<()> {
 pub fn run(dir: &Path, cgroup_dir: &Path, cgroup_name: &str) -> anyhow::Result<Results> {
     tools()?;
     pki(dir)?;
-    std::fs::write(dir.join("nginx.conf"), nginx_conf(dir))?;
-    let _nginx = Proc(
-        Command::new("taskset")
-            .args(["-c", "1", "nginx", "-c"])
-            .arg(dir.join("nginx.conf"))
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting nginx")?,
-    );
+    let confs = write_nginx_confs(dir)?;
+    let nginx = |conf: &Path| -> anyhow::Result<Proc> {
+        Ok(Proc(
+            Command::new("taskset")
+                .args(["-c", "1", "nginx", "-c"])
+                .arg(conf)
+                .stderr(Stdio::null())
+                .spawn()
+                .context("starting nginx")?,
+        ))
+    };
+    let (_upstream, _nginx_proxy) = (nginx(&confs.0)?, nginx(&confs.1)?);
     wait_port(&format!("{UPSTREAM_IP}:443"))?;
     wait_port(&format!("{NGINX_PROXY_IP}:443"))?;
 
@@ -393,8 +419,8 @@ pub fn report(r: &Results, mint: &str) -> String {
          Command: `cargo xtask bench`. Upstream: nginx 1.22 over TLS (HTTP/1.1 to wrk) returning a 1.2 KB JSON \
          chat completion. Load: wrk 4.1, 1 thread, {SECONDS} s per run, {ROUNDS} rounds in turns, medians. \
          wrk on CPU 0; proxies and upstream on CPU 1. wl runs with interception (eBPF), TLS termination and \
-         re-origination, and the audit trail on; nginx proxy terminates TLS and re-originates verified TLS with \
-         upstream keep-alive. \"+ credential\": the same upstream under a second name with a \
+         re-origination, and the audit trail on; nginx proxy (a second nginx process) terminates TLS and \
+         re-originates verified TLS with upstream keep-alive. \"+ credential\": the same upstream under a second name with a \
          `[[credential]]`, so every request also gets an SCT issued and redeemed by the broker (a separate \
          process, on CPU 1 too) and the key injected. \"enforce (durable decisions)\": a third name in \
          `enforce`, so every request's decision is written and fdatasync'ed (group commit) before it is \
