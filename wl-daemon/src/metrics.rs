@@ -272,7 +272,10 @@ impl Metrics {
             &mut out,
             "wl_connections_waiting",
             "gauge",
-            "Accepted connections waiting for one of the handshake slots (at most 64 connections are in their handshake at once).",
+            &format!(
+                "Accepted connections waiting for one of the handshake slots (at most {} connections are in their handshake at once).",
+                crate::proxy::admission::HANDSHAKE_SLOTS
+            ),
         );
         let _ = writeln!(out, "wl_connections_waiting {}", self.connections_waiting.load(Ordering::Relaxed));
         family(
