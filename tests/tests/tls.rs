@@ -269,11 +269,14 @@ fn the_sdk_works_through_the_reverse_and_connect_listeners() {
     let root = TestRoot::new(dir);
     let api = FakeApi::start(dir, "127.0.1.9", &root.server_cert("api", &[API], false));
     let reverse_port = wl_e2e::free_port("127.0.0.1");
+    let by_ip_port = wl_e2e::free_port("127.0.0.1");
     let connect_port = wl_e2e::free_port("127.0.0.1");
     let mut cfg = DaemonConfig::new(&cg, &[443]);
     cfg.extra = format!(
         "[tls]\nupstream_extra_roots = [{root:?}]\n\n[[reverse]]\nlisten = \"127.0.0.1:{reverse_port}\"\n\
          host = \"{API}\"\nserver_names = [\"localhost\"]\nupstream = \"127.0.1.9:443\"\n\n\
+         [[reverse]]\nlisten = \"127.0.0.1:{by_ip_port}\"\nhost = \"{API}\"\nserver_names = [\"127.0.0.1\"]\n\
+         upstream = \"127.0.1.9:443\"\n\n\
          [connect]\nlisten = \"127.0.0.1:{connect_port}\"\n",
         root = root.cert.display().to_string()
     );
@@ -296,14 +299,18 @@ fn the_sdk_works_through_the_reverse_and_connect_listeners() {
     let r = sdk("OPENAI_BASE_URL", format!("https://localhost:{reverse_port}/v1"));
     assert_eq!(r["ok"], true, "reverse listener: {r}");
     assert_eq!(r["content"], "hello from the fake API (gpt-4o-mini)");
+    // A base URL with an IP address: the client sends no server name (RFC 6066 has none
+    // for addresses) and checks the address in the certificate.
+    let r = sdk("OPENAI_BASE_URL", format!("https://127.0.0.1:{by_ip_port}/v1"));
+    assert_eq!(r["ok"], true, "reverse listener by IP address: {r}");
     let r = sdk("HTTPS_PROXY", format!("http://127.0.0.1:{connect_port}"));
     assert_eq!(r["ok"], true, "CONNECT listener: {r}");
-    assert_eq!(requests_for(&api, "/v1/chat/completions").len(), 2);
+    assert_eq!(requests_for(&api, "/v1/chat/completions").len(), 3);
     assert!(api.entries("request").iter().all(|r| r["host"] == API));
 
-    // Both are audited with the agent's identity, found from its socket.
-    home.wait_audit("for two requests", |_| {
-        home.audit_records().iter().filter(|r| r["kind"] == "request").count() >= 2
+    // All are audited with the agent's identity, found from its socket.
+    home.wait_audit("for three requests", |_| {
+        home.audit_records().iter().filter(|r| r["kind"] == "request").count() >= 3
     });
     let reqs: Vec<Value> = home.audit_records().into_iter().filter(|r| r["kind"] == "request").collect();
     for r in &reqs {

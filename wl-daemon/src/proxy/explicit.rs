@@ -101,7 +101,7 @@ async fn reverse_conn(
         Scheme::Https,
         shared.clone(),
     ));
-    let result = super::terminate(stream, &name, ctx.clone(), shared, None).await;
+    let result = super::terminate(stream, &name, super::ShowLeaf::Chosen, ctx.clone(), shared, None).await;
     record.requests = ctx.requests();
     result
 }
@@ -214,7 +214,8 @@ async fn tunnel(
             Scheme::Https,
             shared.clone(),
         ));
-        let result = super::terminate(upgraded, &host, ctx.clone(), shared, None).await;
+        let result =
+            super::terminate(upgraded, &host, super::ShowLeaf::Chosen, ctx.clone(), shared, None).await;
         record.requests = ctx.requests();
         result
     } else {

@@ -268,7 +268,7 @@ async fn dispatch(
                 http::Scheme::Https,
                 shared.clone(),
             ));
-            let result = terminate(agent, &sni, ctx.clone(), shared, Some(slot)).await;
+            let result = terminate(agent, &sni, ShowLeaf::ForSni, ctx.clone(), shared, Some(slot)).await;
             record.requests = ctx.requests();
             result
         }
@@ -302,12 +302,24 @@ async fn dispatch(
     }
 }
 
-/// Terminates TLS for `sni` on `io` with a leaf from the beacon CA and serves HTTP on it.
+/// How the certificate shown to the agent is chosen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ShowLeaf {
+    /// By the ClientHello's server name: the transparent path, where that name is what
+    /// made the connection one to terminate.
+    ForSni,
+    /// The leaf for the name the listener chose (explicit listeners): a client that
+    /// connects by IP address (`https://127.0.0.1:9443/v1`) sends no server name.
+    Chosen,
+}
+
+/// Terminates TLS for `name` on `io` with a leaf from the beacon CA and serves HTTP on it.
 /// The handshake runs in the connection's admission `slot` (one is taken when the caller
 /// has none), which is freed as soon as it is done.
 pub async fn terminate<IO>(
     io: IO,
-    sni: &str,
+    name: &str,
+    show: ShowLeaf,
     ctx: Arc<http::ConnContext>,
     shared: &Shared,
     slot: Option<admission::Slot>,
@@ -319,8 +331,18 @@ where
         Some(slot) => slot,
         None => shared.admission.enter().await,
     };
-    slot.hold(shared.leaves.get(sni)).await.map_err(|e| e.to_string())?;
-    let acceptor = tokio_rustls::TlsAcceptor::from(shared.server_tls.clone());
+    let leaf = slot.hold(shared.leaves.get(name)).await.map_err(|e| e.to_string())?;
+    let config = match show {
+        ShowLeaf::ForSni => shared.server_tls.clone(),
+        ShowLeaf::Chosen => {
+            // The shared configuration (session tickets and cache included) with this
+            // connection's certificate: a few small allocations, explicit listeners only.
+            let mut config = (*shared.server_tls).clone();
+            config.cert_resolver = Arc::new(crate::tls::leaf::FixedResolver(leaf));
+            Arc::new(config)
+        }
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
     let tls = slot
         .hold(tokio::time::timeout(shared.tls.handshake_timeout, acceptor.accept(io)))
         .await

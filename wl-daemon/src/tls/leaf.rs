@@ -127,6 +127,18 @@ impl ResolvesServerCert for CacheResolver {
     }
 }
 
+/// Always the same certificate, whatever the ClientHello asks for: explicit listeners
+/// choose the name themselves, and a client that connects to one by IP address sends no
+/// server name at all.
+#[derive(Debug)]
+pub struct FixedResolver(pub Arc<CertifiedKey>);
+
+impl ResolvesServerCert for FixedResolver {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
