@@ -422,6 +422,51 @@ fn websocket_upgrades_are_relayed() {
     assert_eq!(rec["host"], API);
 }
 
+/// All the agents of a host share wl's connection to an HTTP/2 upstream, and a server caps
+/// the streams one connection carries (100 here, the lowest RFC 9113 recommends). With a
+/// hundred streams open (SSE completions last minutes), the next agent's call must not wait
+/// for one of them to end: it goes on a second connection.
+#[test]
+fn a_full_http2_upstream_connection_does_not_hold_up_the_next_request() {
+    const HELD: usize = 100;
+    let cg = TestCgroup::new("h2lanes");
+    let home = DaemonHome::new();
+    let dir = home.dir.path();
+    let root = TestRoot::new(dir);
+    let cert = root.server_cert("h2", &[API], false);
+    let mut server = std::process::Command::new("node")
+        .arg(fixture("h2_upstream.mjs"))
+        .args(["127.0.1.36", "443"])
+        .arg(&cert.cert)
+        .arg(&cert.key)
+        .arg(HELD.to_string())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(server.stdout.take().unwrap()), &mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "ready");
+    let daemon = start_daemon(&home, &cg, &root.cert, "");
+    let view = AgentView::new(dir, &[(API, "127.0.1.36")], &[&beacon_ca(&home)]);
+    let r = json_of(
+        view.command(Some(&cg), "node")
+            .arg(fixture("held_streams.mjs"))
+            .arg(format!("https://{API}"))
+            .arg(HELD.to_string()),
+    );
+    let _ = server.kill();
+    let _ = server.wait();
+    assert_eq!(r["warm"]["body"]["sessions"], 1, "{r}");
+    assert_eq!(r["held"], HELD, "every held stream got its first event: {r}");
+    // The extra request reached the upstream while all the others were still open, on a
+    // connection of its own (without it, it waits until the client gives up after 20 s).
+    assert_eq!(r["extra"]["status"], 200, "{r}");
+    assert_eq!(r["extra"]["body"]["held"], HELD, "{r}");
+    assert_eq!(r["extra"]["body"]["sessions"], 2, "{r}");
+    assert!(daemon.log_text().contains("opening another"), "the daemon says why it opened a connection");
+}
+
 #[test]
 fn plain_http_to_a_governed_host_goes_through_the_pipeline() {
     let cg = TestCgroup::new("plain");

@@ -30,7 +30,7 @@ use hyper::{
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::json;
 
-use super::Shared;
+use super::{upstream::LaneBody, Shared};
 use crate::{
     audit::{AuditLog, AuditRecord, DecisionRecord, RequestRecord},
     broker::client::CredentialError,
@@ -407,8 +407,8 @@ async fn handle(mut req: Request<Incoming>, ctx: Arc<ConnContext>) -> Response<P
     let sending = Instant::now();
     let result = match (ctx.scheme, upgrade) {
         (Scheme::Https, false) => pools.tls.request(upstream_req).await,
-        (Scheme::Https, true) => pools.tls_h1.request(upstream_req).await,
-        (Scheme::Http, _) => pools.plain.request(upstream_req).await,
+        (Scheme::Https, true) => pools.tls_h1.request(upstream_req).await.map(|r| r.map(LaneBody::from)),
+        (Scheme::Http, _) => pools.plain.request(upstream_req).await.map(|r| r.map(LaneBody::from)),
     };
     METRICS.upstream_seconds.observe(sending.elapsed());
     let mut resp = match result {
