@@ -467,6 +467,65 @@ fn a_full_http2_upstream_connection_does_not_hold_up_the_next_request() {
     assert!(daemon.log_text().contains("opening another"), "the daemon says why it opened a connection");
 }
 
+/// An HTTP/2 server refuses the streams over its limit that a client opened before it
+/// learnt the limit (REFUSED_STREAM: not processed, safe to send again, RFC 9113 section
+/// 8.7). A burst on a new connection meets exactly that; the agents must not see 502s.
+#[test]
+fn streams_an_http2_upstream_refuses_unprocessed_are_sent_again() {
+    const BURST: usize = 24;
+    let cg = TestCgroup::new("refused");
+    let home = DaemonHome::new();
+    let dir = home.dir.path();
+    let root = TestRoot::new(dir);
+    let cert = root.server_cert("h2", &[API], false);
+    let mut server = std::process::Command::new("node")
+        .arg(fixture("h2_upstream.mjs"))
+        .args(["127.0.1.37", "443"])
+        .arg(&cert.cert)
+        .arg(&cert.key)
+        .arg("2")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(server.stdout.take().unwrap()), &mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "ready");
+    let metrics_port = wl_e2e::free_port("127.0.0.1");
+    let _daemon = start_daemon(
+        &home,
+        &cg,
+        &root.cert,
+        &format!("\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n"),
+    );
+    let view = AgentView::new(dir, &[(API, "127.0.1.37")], &[&beacon_ca(&home)]);
+    let r = json_of(
+        view.command(Some(&cg), "node")
+            .arg(fixture("burst.mjs"))
+            .arg(format!("https://{API}/v1/chat/completions"))
+            .arg(BURST.to_string()),
+    );
+    let _ = server.kill();
+    let _ = server.wait();
+    let results = r.as_array().unwrap();
+    assert_eq!(results.len(), BURST);
+    for result in results {
+        assert_eq!(result["status"], 200, "{result}");
+        assert_eq!(result["received"], result["sent"], "the body arrived whole: {result}");
+    }
+    // And the burst did meet refused streams (else this test shows nothing).
+    let metrics = output(
+        std::process::Command::new("curl").args(["-sS", &format!("http://127.0.0.1:{metrics_port}/metrics")]),
+    );
+    let metrics = String::from_utf8_lossy(&metrics.stdout);
+    let refused: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("wl_upstream_refused_streams_total "))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no refused-stream count in {metrics}"));
+    assert!(refused > 0, "{metrics}");
+}
+
 #[test]
 fn plain_http_to_a_governed_host_goes_through_the_pipeline() {
     let cg = TestCgroup::new("plain");

@@ -100,6 +100,11 @@ pub struct Metrics {
     pub connections_parked: AtomicU64,
     /// Accepted connections waiting for a handshake slot (`proxy::admission`).
     pub connections_waiting: AtomicU64,
+    /// HTTP/2 connections opened to an upstream because every open one was full
+    /// (`proxy::upstream::Lanes`).
+    pub upstream_lanes_added: AtomicU64,
+    /// Upstream HTTP/2 streams refused unprocessed (REFUSED_STREAM).
+    pub upstream_refused_streams: AtomicU64,
 }
 
 /// Counts one unit of work in progress on a gauge for as long as it lives.
@@ -218,6 +223,31 @@ impl Metrics {
         for (outcome, n) in self.credentials.lock().expect("metrics poisoned").iter() {
             let _ = writeln!(out, "wl_credentials_total{{outcome=\"{}\"}} {n}", label(outcome));
         }
+        family(
+            &mut out,
+            "wl_upstream_lanes_added_total",
+            "counter",
+            &format!(
+                "HTTP/2 connections opened to an upstream because every open one carried {} streams.",
+                crate::proxy::upstream::STREAMS_PER_LANE
+            ),
+        );
+        let _ = writeln!(
+            out,
+            "wl_upstream_lanes_added_total {}",
+            self.upstream_lanes_added.load(Ordering::Relaxed)
+        );
+        family(
+            &mut out,
+            "wl_upstream_refused_streams_total",
+            "counter",
+            "Upstream HTTP/2 streams refused unprocessed (REFUSED_STREAM); a request whose body is known whole is sent again.",
+        );
+        let _ = writeln!(
+            out,
+            "wl_upstream_refused_streams_total {}",
+            self.upstream_refused_streams.load(Ordering::Relaxed)
+        );
         family(&mut out, "wl_leaf_mints_total", "counter", "Leaf certificates minted by the beacon CA.");
         let _ = writeln!(out, "wl_leaf_mints_total {}", self.leaf_mints.load(Ordering::Relaxed));
         family(&mut out, "wl_leaf_cache_entries", "gauge", "Server names with a cached leaf certificate.");

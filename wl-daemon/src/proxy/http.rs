@@ -292,7 +292,7 @@ async fn handle(mut req: Request<Incoming>, ctx: Arc<ConnContext>) -> Response<P
 
     // Policy: the agent, the host, the request line, selected headers and JSON body fields.
     let shared = &ctx.shared;
-    let (body_facts, body) = inspect_body(&parts.headers, body, shared.body_limit).await;
+    let (body_facts, body, whole_body) = inspect_body(&parts.headers, body, shared.body_limit).await;
     let (hour, weekday) = facts::local_hour_weekday();
     let request_facts = RequestFacts {
         method: parts.method.to_string(),
@@ -400,16 +400,10 @@ async fn handle(mut req: Request<Incoming>, ctx: Arc<ConnContext>) -> Response<P
     parts.headers.remove(header::HOST);
     parts.uri = uri;
     parts.version = Version::HTTP_11;
-    let body = Counted::new(body, up_counter.clone());
-    let upstream_req = Request::from_parts(parts, body);
-
     let pools = ctx.shared.upstreams.pools(&host, port, ctx.dst);
     let sending = Instant::now();
-    let result = match (ctx.scheme, upgrade) {
-        (Scheme::Https, false) => pools.tls.request(upstream_req).await,
-        (Scheme::Https, true) => pools.tls_h1.request(upstream_req).await.map(|r| r.map(LaneBody::from)),
-        (Scheme::Http, _) => pools.plain.request(upstream_req).await.map(|r| r.map(LaneBody::from)),
-    };
+    let outgoing = Outgoing { parts, body, whole_body, sent: up_counter.clone() };
+    let result = send_upstream(&pools, ctx.scheme, upgrade, outgoing, &request_id).await;
     METRICS.upstream_seconds.observe(sending.elapsed());
     let mut resp = match result {
         Ok(r) => r,
@@ -486,6 +480,97 @@ async fn handle(mut req: Request<Incoming>, ctx: Arc<ConnContext>) -> Response<P
     }
     let body = Audited::new(body, ctx.shared.audit.clone(), record, started, up_counter);
     Response::from_parts(parts, body.boxed())
+}
+
+/// A request ready to go upstream.
+struct Outgoing {
+    parts: hyper::http::request::Parts,
+    body: UpstreamBody,
+    /// The whole body, when known: the request can be sent again.
+    whole_body: Option<Bytes>,
+    /// Bytes of the body sent.
+    sent: Arc<AtomicU64>,
+}
+
+/// Times a request is sent again after its stream was refused unprocessed.
+const REFUSED_STREAM_RETRIES: usize = 3;
+
+/// Sends `req` with the client its scheme and upgrade call for.
+///
+/// An HTTP/2 upstream that refuses a stream with REFUSED_STREAM has not processed it (RFC
+/// 9113 section 8.7), and says so most often for streams a new connection opened before
+/// the server's limit on concurrent streams arrived. Such a request is sent again when its
+/// body is known whole; by then the client knows the limit and waits for room. Upgrades go
+/// over HTTP/1.1 and are never sent again.
+async fn send_upstream(
+    pools: &super::upstream::Pools,
+    scheme: Scheme,
+    upgrade: bool,
+    req: Outgoing,
+    request_id: &str,
+) -> Result<Response<LaneBody>, hyper_util::client::legacy::Error> {
+    let Outgoing { parts, body, whole_body, sent } = req;
+    match (scheme, upgrade) {
+        (Scheme::Https, false) => {}
+        (Scheme::Https, true) => {
+            let req = Request::from_parts(parts, Counted::new(body, sent));
+            return pools.tls_h1.request(req).await.map(|r| r.map(LaneBody::from));
+        }
+        (Scheme::Http, _) => {
+            let req = Request::from_parts(parts, Counted::new(body, sent));
+            return pools.plain.request(req).await.map(|r| r.map(LaneBody::from));
+        }
+    }
+    let again = whole_body.map(|whole| (copy_parts(&parts), whole));
+    let mut req = Request::from_parts(parts, Counted::new(body, sent.clone()));
+    let mut retries = 0;
+    loop {
+        match pools.tls.request(req).await {
+            Err(e) if retries < REFUSED_STREAM_RETRIES && is_refused_stream(&e) => {
+                METRICS.upstream_refused_streams.fetch_add(1, Ordering::Relaxed);
+                let Some((parts, whole)) = &again else { return Err(e) };
+                retries += 1;
+                tracing::debug!(
+                    request_id,
+                    retries,
+                    "the upstream refused the stream unprocessed: sending it again"
+                );
+                sent.store(0, Ordering::Relaxed);
+                req = Request::from_parts(
+                    copy_parts(parts),
+                    Counted::new(full_body(whole.clone()), sent.clone()),
+                );
+            }
+            result => return result,
+        }
+    }
+}
+
+/// Whether an upstream request failed with an HTTP/2 REFUSED_STREAM.
+fn is_refused_stream(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(e);
+    while let Some(e) = source {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+        }
+        source = e.source();
+    }
+    false
+}
+
+/// The method, target, version and headers of a request (extensions are not copied: an
+/// upstream request carries none).
+fn copy_parts(parts: &hyper::http::request::Parts) -> hyper::http::request::Parts {
+    let mut copy = Request::new(()).into_parts().0;
+    copy.method = parts.method.clone();
+    copy.uri = parts.uri.clone();
+    copy.version = parts.version;
+    copy.headers = parts.headers.clone();
+    copy
+}
+
+fn full_body(bytes: Bytes) -> UpstreamBody {
+    Full::new(bytes).map_err(|never| match never {}).boxed()
 }
 
 /// Adds a finished request to the metrics.
@@ -612,7 +697,14 @@ fn finish_denied(
 
 /// Reads a JSON body up to `limit` bytes to extract policy fields, and gives back a body
 /// that replays what was read followed by the rest. Other bodies pass untouched.
-async fn inspect_body(headers: &HeaderMap, body: Incoming, limit: usize) -> (BodyFacts, UpstreamBody) {
+///
+/// The third value is the whole body when it is known, so that the request can be sent
+/// again: empty, or a JSON body read to its end (data only, no trailers).
+async fn inspect_body(
+    headers: &HeaderMap,
+    body: Incoming,
+    limit: usize,
+) -> (BodyFacts, UpstreamBody, Option<Bytes>) {
     let is_json = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -621,8 +713,11 @@ async fn inspect_body(headers: &HeaderMap, body: Incoming, limit: usize) -> (Bod
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
-    if !is_json || declared.is_some_and(|n| n > limit) || body.is_end_stream() {
-        return (BodyFacts::default(), body.boxed());
+    if body.is_end_stream() {
+        return (BodyFacts::default(), body.boxed(), Some(Bytes::new()));
+    }
+    if !is_json || declared.is_some_and(|n| n > limit) {
+        return (BodyFacts::default(), body.boxed(), None);
     }
     let mut body = body;
     let mut frames = std::collections::VecDeque::new();
@@ -636,16 +731,22 @@ async fn inspect_body(headers: &HeaderMap, body: Incoming, limit: usize) -> (Bod
                 frames.push_back(frame);
                 if data.len() > limit {
                     // Too large: no fields; replay and stream the rest.
-                    return (BodyFacts::default(), Replay { frames, rest: Some(body) }.boxed());
+                    return (BodyFacts::default(), Replay { frames, rest: Some(body) }.boxed(), None);
                 }
             }
             Some(Err(e)) => {
                 // The agent's upload failed; let the upstream request fail the same way.
                 frames.push_back(Frame::data(Bytes::new()));
                 tracing::debug!(error = %e, "request body failed while inspecting");
-                return (BodyFacts::default(), Replay { frames, rest: None }.boxed());
+                return (BodyFacts::default(), Replay { frames, rest: None }.boxed(), None);
             }
-            None => return (BodyFacts::from_json_bytes(&data), Replay { frames, rest: None }.boxed()),
+            None if frames.iter().all(Frame::is_data) => {
+                // One buffer for the facts, the body sent, and a copy to send again.
+                let whole = Bytes::from(data);
+                let facts = BodyFacts::from_json_bytes(&whole);
+                return (facts, full_body(whole.clone()), Some(whole));
+            }
+            None => return (BodyFacts::from_json_bytes(&data), Replay { frames, rest: None }.boxed(), None),
         }
     }
 }

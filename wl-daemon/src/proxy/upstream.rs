@@ -130,7 +130,7 @@ pub type PlainClient = Client<Throttled<FixedDest>, UpBody>;
 /// hundred agents streaming completions (SSE, minutes each) would make the next agent's
 /// request wait minutes. 100 is the lowest limit RFC 9113 (section 5.1.2) recommends a
 /// server to allow, so a compliant server does not make a lane's requests wait.
-const STREAMS_PER_LANE: usize = 100;
+pub const STREAMS_PER_LANE: usize = 100;
 /// HTTP/2 connections per upstream at most (1,600 concurrent streams). Past that, requests
 /// go to the lane with the fewest streams and may wait there for one to end.
 const MAX_LANES: usize = 16;
@@ -207,6 +207,7 @@ impl Lanes {
         if opened < MAX_LANES {
             // Whoever gets here first sets the lane; a racing request uses the same one.
             let new = self.lanes[opened].get_or_init(|| {
+                crate::metrics::METRICS.upstream_lanes_added.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(
                     lanes = opened + 1,
                     streams = opened * STREAMS_PER_LANE,
