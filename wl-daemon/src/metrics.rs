@@ -100,6 +100,8 @@ pub struct Metrics {
     pub connections_parked: AtomicU64,
     /// Accepted connections waiting for a handshake slot (`proxy::admission`).
     pub connections_waiting: AtomicU64,
+    /// Parked connections with a request waiting for a resume slot (`proxy::admission`).
+    pub resumptions_waiting: AtomicU64,
     /// HTTP/2 connections opened to an upstream because every open one was full
     /// (`proxy::upstream::Lanes`).
     pub upstream_lanes_added: AtomicU64,
@@ -308,6 +310,16 @@ impl Metrics {
             ),
         );
         let _ = writeln!(out, "wl_connections_waiting {}", self.connections_waiting.load(Ordering::Relaxed));
+        family(
+            &mut out,
+            "wl_resumptions_waiting",
+            "gauge",
+            &format!(
+                "Parked connections whose next request waits for one of the resume slots (at most {} resumed connections serve a request at once).",
+                crate::proxy::admission::RESUME_SLOTS
+            ),
+        );
+        let _ = writeln!(out, "wl_resumptions_waiting {}", self.resumptions_waiting.load(Ordering::Relaxed));
         family(
             &mut out,
             "wl_audit_batch_duration_seconds",

@@ -13,8 +13,17 @@
 //! A slot is held for at most [`SLOT_LEASE`]: a client that stalls in its handshake (or a
 //! hostile one that opens many connections and sends nothing) gives its slot up and goes on
 //! under its own timeout (`tls.handshake_timeout`), so it cannot hold the gate shut.
+//!
+//! The same kind of gate, with [`RESUME_SLOTS`], stands before parked keep-alive
+//! connections that resume (`proxy::park`): when thousands of agents send their next
+//! request at once, each resumed connection gets its HTTP state back (buffers, the request,
+//! its upstream stream, about 28 KB), and the burst, not the load, would set the memory.
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    sync::{atomic::AtomicU64, Arc},
+    time::Duration,
+};
 
 use tokio::{
     sync::{OwnedSemaphorePermit, Semaphore},
@@ -31,10 +40,18 @@ pub const HANDSHAKE_SLOTS: usize = 64;
 /// The longest a connection keeps its slot.
 pub const SLOT_LEASE: Duration = Duration::from_millis(250);
 
-/// The gate every new connection passes.
+/// Parked connections that may be resumed and serving a request at once. A quick request
+/// holds its slot about a millisecond, so this limits memory in a burst, not throughput;
+/// 1,024 requests in flight are about 28 MB.
+pub const RESUME_SLOTS: usize = 1024;
+
+/// The gate every new connection passes (or, built with [`Gate::resumptions`], every
+/// parked connection that resumes).
 #[derive(Debug, Clone)]
 pub struct Gate {
     slots: Arc<Semaphore>,
+    /// The gauge of connections waiting for a slot.
+    waiting: &'static AtomicU64,
 }
 
 impl Default for Gate {
@@ -44,14 +61,19 @@ impl Default for Gate {
 }
 
 impl Gate {
-    /// A gate with `slots` slots.
+    /// A gate for handshakes with `slots` slots.
     pub fn new(slots: usize) -> Self {
-        Self { slots: Arc::new(Semaphore::new(slots)) }
+        Self { slots: Arc::new(Semaphore::new(slots)), waiting: &METRICS.connections_waiting }
+    }
+
+    /// The gate for parked connections that resume, with `slots` slots.
+    pub fn resumptions(slots: usize) -> Self {
+        Self { slots: Arc::new(Semaphore::new(slots)), waiting: &METRICS.resumptions_waiting }
     }
 
     /// Waits for a slot (first come, first served).
     pub async fn enter(&self) -> Slot {
-        let waiting = InFlight::enter(&METRICS.connections_waiting);
+        let waiting = InFlight::enter(self.waiting);
         let permit = self.slots.clone().acquire_owned().await.expect("the gate's semaphore is never closed");
         drop(waiting);
         Slot { permit: Some(permit), expires: Instant::now() + SLOT_LEASE }
@@ -86,6 +108,11 @@ impl Slot {
     /// Whether the slot is still held.
     pub fn is_held(&self) -> bool {
         self.permit.is_some()
+    }
+
+    /// When the lease runs out.
+    pub fn expires(&self) -> Instant {
+        self.expires
     }
 }
 

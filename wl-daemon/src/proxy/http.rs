@@ -156,6 +156,7 @@ pub async fn serve<IO>(io: IO, ctx: Arc<ConnContext>, protocol: Protocol) -> Res
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let resumptions = ctx.shared.resumptions.clone();
     let service = service_fn(move |req| {
         let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(handle(req, ctx).await) }
@@ -164,7 +165,7 @@ where
     let timer = hyper_util::rt::TokioTimer::new();
     let header_timeout = super::park::KEEP_ALIVE_IDLE;
     match protocol {
-        Protocol::Http1 => super::park::serve_http1(io.into_inner(), service).await,
+        Protocol::Http1 => super::park::serve_http1(io.into_inner(), service, &resumptions).await,
         Protocol::Http2 => hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .timer(timer)
             .serve_connection(io, service)

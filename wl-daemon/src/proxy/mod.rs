@@ -99,6 +99,8 @@ pub struct Shared {
     pub credentials: Option<credential::Credentials>,
     /// Handshake slots for new connections.
     pub admission: admission::Gate,
+    /// Slots for parked connections that resume.
+    pub resumptions: admission::Gate,
     next_id: AtomicU64,
 }
 
@@ -131,6 +133,7 @@ impl Shared {
             credentials: None,
             entities: EntityCache::default(),
             admission: admission::Gate::default(),
+            resumptions: admission::Gate::resumptions(admission::RESUME_SLOTS),
             next_id: AtomicU64::new(1),
         }
     }

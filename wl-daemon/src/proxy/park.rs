@@ -18,6 +18,13 @@
 //! the stream stays open, and `into_parts` returns it with anything hyper had read ahead.
 //! Should hyper not be idle after all, graceful shutdown only ends keep-alive after the
 //! current exchange, which costs the agent a reconnect and nothing more.
+//!
+//! A parked connection whose next request arrives waits for a resume slot
+//! (`admission::Gate::resumptions`) before hyper takes it over, and gives the slot back as
+//! soon as its request is answered (hyper waits for bytes with no exchange open) or the
+//! slot's lease runs out (a long LLM call must not hold the gate). When thousands of
+//! agents call at once, the requests over the limit wait in the kernel's socket buffers
+//! rather than each in a live hyper connection.
 
 use std::{
     convert::Infallible,
@@ -41,6 +48,7 @@ use hyper::{
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
+use super::admission::{Gate, Slot};
 use crate::metrics::METRICS;
 
 /// How long a keep-alive connection waits for its next request inside hyper before it is
@@ -191,8 +199,9 @@ enum Episode<IO> {
 
 /// Serves HTTP/1.1 (with upgrades) on `io` until the agent is done, parking the
 /// connection whenever it idles for [`PARK_AFTER`] and closing it after
-/// [`KEEP_ALIVE_IDLE`] without a request.
-pub async fn serve_http1<IO, S, B>(io: IO, service: S) -> Result<(), String>
+/// [`KEEP_ALIVE_IDLE`] without a request. A parked connection resumes through
+/// `resumptions`.
+pub async fn serve_http1<IO, S, B>(io: IO, service: S, resumptions: &Gate) -> Result<(), String>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
@@ -207,8 +216,10 @@ where
 {
     let watch = Arc::new(IdleWatch::default());
     let mut io = Parkable { io, prefix: Bytes::new(), watch: watch.clone() };
+    // A new connection's first request came through the handshake gate.
+    let mut slot = None;
     loop {
-        io = match serve_until_idle(io, &watch, service.clone()).await {
+        io = match serve_until_idle(io, &watch, service.clone(), slot.take()).await {
             Episode::Done(result) => return result,
             Episode::Parked(io) => io,
         };
@@ -227,11 +238,18 @@ where
                 }
             }
         }
+        slot = Some(resumptions.enter().await);
     }
 }
 
-/// Runs one hyper connection on `io` until it ends or has been idle for [`PARK_AFTER`].
-async fn serve_until_idle<IO, S, B>(io: Parkable<IO>, watch: &Arc<IdleWatch>, service: S) -> Episode<IO>
+/// Runs one hyper connection on `io` until it ends or has been idle for [`PARK_AFTER`],
+/// holding `slot` (if any) until hyper is idle or the slot's lease runs out.
+async fn serve_until_idle<IO, S, B>(
+    io: Parkable<IO>,
+    watch: &Arc<IdleWatch>,
+    service: S,
+    mut slot: Option<Slot>,
+) -> Episode<IO>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible> + Send + Unpin + 'static,
@@ -252,9 +270,17 @@ where
             .with_upgrades(),
     );
     let mut park_timer: Option<(Pin<Box<tokio::time::Sleep>>, u64)> = None;
+    let mut lease = slot.as_ref().map(|s| Box::pin(tokio::time::sleep_until(s.expires())));
     let result = std::future::poll_fn(|cx| loop {
         if let Poll::Ready(result) = Pin::new(&mut *conn).poll(cx) {
             return Poll::Ready(result);
+        }
+        if let Some(expiry) = lease.as_mut() {
+            // The request is answered, or it has had the slot long enough.
+            if watch.idle.load(Ordering::Relaxed) || expiry.as_mut().poll(cx).is_ready() {
+                slot = None;
+                lease = None;
+            }
         }
         if watch.parking.load(Ordering::Relaxed) || !watch.idle.load(Ordering::Relaxed) {
             return Poll::Pending;
@@ -344,5 +370,76 @@ where
         };
         let exchange = this.exchange.take().expect("polled after completion");
         Poll::Ready(Ok(response.map(|body| Tracked { body, _exchange: exchange })))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::Full;
+    use tokio::io::DuplexStream;
+
+    use super::*;
+    use crate::proxy::admission::SLOT_LEASE;
+
+    /// `/slow` answers after ten seconds, anything else at once.
+    async fn answer(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+        if req.uri().path() == "/slow" {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+        }
+        Ok(Response::new(Full::new(Bytes::from_static(b"ok"))))
+    }
+
+    /// A connection served with `gate`, parked once its first request is answered.
+    async fn parked_connection(gate: &Gate) -> DuplexStream {
+        let (agent, daemon) = tokio::io::duplex(64 * 1024);
+        let gate = gate.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(answer);
+            serve_http1(daemon, service, &gate).await
+        });
+        let mut agent = agent;
+        exchange(&mut agent, "/").await;
+        tokio::time::sleep(PARK_AFTER * 2).await;
+        agent
+    }
+
+    /// Sends a GET for `path` and reads the response to its end.
+    async fn exchange(agent: &mut DuplexStream, path: &str) -> String {
+        agent.write_all(format!("GET {path} HTTP/1.1\r\nhost: wl.test\r\n\r\n").as_bytes()).await.unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !got.ends_with(b"\r\n\r\nok") {
+            let n = agent.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8(got).unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_resumed_connection_holds_its_slot_until_answered_or_for_the_lease() {
+        let gate = Gate::resumptions(1);
+        let mut a = parked_connection(&gate).await;
+        let mut b = parked_connection(&gate).await;
+
+        // A quick request gives the slot back when it is answered: the next one does not
+        // wait for the lease.
+        let started = tokio::time::Instant::now();
+        assert!(exchange(&mut a, "/").await.starts_with("HTTP/1.1 200"));
+        assert!(exchange(&mut b, "/").await.starts_with("HTTP/1.1 200"));
+        assert!(started.elapsed() < PARK_AFTER / 2, "{:?}", started.elapsed());
+        tokio::time::sleep(PARK_AFTER * 2).await;
+
+        // A slow one holds the only slot for the lease, then lets the next through long
+        // before it is answered itself.
+        let slow = tokio::spawn(async move { exchange(&mut a, "/slow").await });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let started = tokio::time::Instant::now();
+        assert!(exchange(&mut b, "/").await.starts_with("HTTP/1.1 200"));
+        let waited = started.elapsed();
+        assert!(waited >= SLOT_LEASE - Duration::from_millis(20), "waited {waited:?}");
+        assert!(waited < Duration::from_secs(1), "waited {waited:?}");
+        assert!(!slow.is_finished());
+        assert!(slow.await.unwrap().starts_with("HTTP/1.1 200"));
     }
 }
