@@ -105,8 +105,8 @@ pub struct Metrics {
     /// HTTP/2 connections opened to an upstream because every open one was full
     /// (`proxy::upstream::Lanes`).
     pub upstream_lanes_added: AtomicU64,
-    /// Upstream HTTP/2 streams refused unprocessed (REFUSED_STREAM).
-    pub upstream_refused_streams: AtomicU64,
+    /// Upstream HTTP/2 streams the server did not process (REFUSED_STREAM, GOAWAY).
+    pub upstream_unprocessed_streams: AtomicU64,
 }
 
 /// Counts one unit of work in progress on a gauge for as long as it lives.
@@ -241,14 +241,14 @@ impl Metrics {
         );
         family(
             &mut out,
-            "wl_upstream_refused_streams_total",
+            "wl_upstream_unprocessed_streams_total",
             "counter",
-            "Upstream HTTP/2 streams refused unprocessed (REFUSED_STREAM); a request whose body is known whole is sent again.",
+            "Upstream HTTP/2 streams the server did not process (REFUSED_STREAM, or above its GOAWAY's last stream); a request whose body is known whole is sent again.",
         );
         let _ = writeln!(
             out,
-            "wl_upstream_refused_streams_total {}",
-            self.upstream_refused_streams.load(Ordering::Relaxed)
+            "wl_upstream_unprocessed_streams_total {}",
+            self.upstream_unprocessed_streams.load(Ordering::Relaxed)
         );
         family(&mut out, "wl_leaf_mints_total", "counter", "Leaf certificates minted by the beacon CA.");
         let _ = writeln!(out, "wl_leaf_mints_total {}", self.leaf_mints.load(Ordering::Relaxed));

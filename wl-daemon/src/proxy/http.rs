@@ -493,16 +493,19 @@ struct Outgoing {
     sent: Arc<AtomicU64>,
 }
 
-/// Times a request is sent again after its stream was refused unprocessed.
-const REFUSED_STREAM_RETRIES: usize = 3;
+/// Times a request is sent again after the upstream left it unprocessed.
+const UNPROCESSED_RETRIES: usize = 3;
 
 /// Sends `req` with the client its scheme and upgrade call for.
 ///
-/// An HTTP/2 upstream that refuses a stream with REFUSED_STREAM has not processed it (RFC
-/// 9113 section 8.7), and says so most often for streams a new connection opened before
-/// the server's limit on concurrent streams arrived. Such a request is sent again when its
-/// body is known whole; by then the client knows the limit and waits for room. Upgrades go
-/// over HTTP/1.1 and are never sent again.
+/// An HTTP/2 upstream says which streams it has not processed (RFC 9113 section 8.7): a
+/// stream it refuses with REFUSED_STREAM (most often one a new connection opened before
+/// the server's limit on concurrent streams arrived), and every stream above the last one
+/// named in its GOAWAY (a server closing a connection after so many requests, nginx's
+/// `keepalive_requests`, or going down gracefully). Such a request is sent again when its
+/// body is known whole: by then the client knows the limit, or opens a new connection.
+/// Anything else that fails may have been processed and is not sent again (an LLM call
+/// costs money). Upgrades go over HTTP/1.1 and are never sent again.
 async fn send_upstream(
     pools: &super::upstream::Pools,
     scheme: Scheme,
@@ -527,15 +530,11 @@ async fn send_upstream(
     let mut retries = 0;
     loop {
         match pools.tls.request(req).await {
-            Err(e) if retries < REFUSED_STREAM_RETRIES && is_refused_stream(&e) => {
-                METRICS.upstream_refused_streams.fetch_add(1, Ordering::Relaxed);
+            Err(e) if retries < UNPROCESSED_RETRIES && is_unprocessed(&e) => {
+                METRICS.upstream_unprocessed_streams.fetch_add(1, Ordering::Relaxed);
                 let Some((parts, whole)) = &again else { return Err(e) };
                 retries += 1;
-                tracing::debug!(
-                    request_id,
-                    retries,
-                    "the upstream refused the stream unprocessed: sending it again"
-                );
+                tracing::debug!(request_id, retries, error = %error_chain(&e), "the upstream did not process the request: sending it again");
                 sent.store(0, Ordering::Relaxed);
                 req = Request::from_parts(
                     copy_parts(parts),
@@ -547,12 +546,15 @@ async fn send_upstream(
     }
 }
 
-/// Whether an upstream request failed with an HTTP/2 REFUSED_STREAM.
-fn is_refused_stream(e: &(dyn std::error::Error + 'static)) -> bool {
+/// Whether an upstream request failed in a way that says the upstream did not process it:
+/// an HTTP/2 REFUSED_STREAM, or the server's GOAWAY, which h2 reports only on streams above
+/// the GOAWAY's last stream and on those opened after it (a stream at or below it that the
+/// connection's end cuts off fails as a broken pipe, and is not sent again).
+fn is_unprocessed(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut source = Some(e);
     while let Some(e) = source {
         if let Some(h2) = e.downcast_ref::<h2::Error>() {
-            return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM) || (h2.is_go_away() && h2.is_remote());
         }
         source = e.source();
     }
