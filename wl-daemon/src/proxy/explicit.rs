@@ -17,7 +17,28 @@ use super::{
     http::{self, json_error, ConnContext, ProxyBody, Scheme},
     Shared,
 };
-use crate::{audit::ConnectionRecord, config::ReverseConfig};
+use crate::{audit::ConnectionRecord, config::ReverseConfig, intercept::identity::AgentIdentity};
+
+/// Identity look-ups running at once. Each reads `/proc` (the socket's owner by
+/// `sock_diag`, then the fds of that owner's processes): milliseconds on a busy host, too
+/// long to block one of the runtime's threads, which serve every other connection. They
+/// run on tokio's blocking pool, and a few at a time, so that a burst of connections does
+/// not start a thread per look-up.
+const IDENTITY_LOOKUPS: usize = 4;
+static LOOKUP_SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(IDENTITY_LOOKUPS);
+
+/// The identity behind a loopback client of an explicit listener (`peer`, accepted on
+/// `local`), looked up off the runtime's threads.
+async fn identify(shared: &Arc<Shared>, peer: SocketAddr, local: SocketAddr) -> Option<AgentIdentity> {
+    let _slot = LOOKUP_SLOTS.acquire().await.expect("the look-up semaphore is never closed");
+    let shared = shared.clone();
+    match tokio::task::spawn_blocking(move || shared.identities.resolve_tcp_peer(peer, local)).await {
+        Ok(agent) => agent,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        // The runtime is shutting down.
+        Err(_) => None,
+    }
+}
 
 /// Resolves `host:port` (the system resolver, /etc/hosts first).
 async fn resolve(target: &str) -> Result<SocketAddr, String> {
@@ -48,7 +69,7 @@ pub async fn serve_reverse(
             record.action = "terminate";
             record.host = Some(cfg.host.clone());
             let local = stream.local_addr().unwrap_or(cfg.listen);
-            let agent = shared.identities.resolve_tcp_peer(peer, local);
+            let agent = identify(&shared, peer, local).await;
             record.agent = agent.clone();
             let outcome = tokio::select! {
                 r = reverse_conn(stream, &cfg, agent, conn_id, &shared, &mut record) => r,
@@ -63,7 +84,7 @@ pub async fn serve_reverse(
 async fn reverse_conn(
     stream: TcpStream,
     cfg: &ReverseConfig,
-    agent: Option<crate::intercept::identity::AgentIdentity>,
+    agent: Option<AgentIdentity>,
     conn_id: u64,
     shared: &Arc<Shared>,
     record: &mut ConnectionRecord,
@@ -173,7 +194,7 @@ async fn connect_request(
         // The listener's address is the accepted socket's (listeners are on loopback
         // addresses, never unspecified ones).
         let local = record.listener.parse().unwrap_or(peer);
-        let agent = shared.identities.resolve_tcp_peer(peer, local);
+        let agent = identify(&shared, peer, local).await;
         record.agent = agent.clone();
         let outcome = tokio::select! {
             r = tunnel(upgrade, host, dst, agent, conn_id, &shared, &mut record) => r,
@@ -189,7 +210,7 @@ async fn tunnel(
     upgrade: hyper::upgrade::OnUpgrade,
     host: String,
     dst: SocketAddr,
-    agent: Option<crate::intercept::identity::AgentIdentity>,
+    agent: Option<AgentIdentity>,
     conn_id: u64,
     shared: &Arc<Shared>,
     record: &mut ConnectionRecord,
