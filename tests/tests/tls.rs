@@ -28,6 +28,16 @@ fn beacon_ca(home: &DaemonHome) -> std::path::PathBuf {
     home.dir.path().join("state/ca/beacon-ca.pem")
 }
 
+/// Starts a fixture server and waits for the "ready" line it prints once listening.
+fn start_ready(cmd: &mut std::process::Command) -> std::process::Child {
+    let mut server = cmd.stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(server.stdout.take().unwrap()), &mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "ready", "{cmd:?} did not start");
+    server
+}
+
 fn requests_for(api: &FakeApi, path: &str) -> Vec<Value> {
     api.entries("request")
         .into_iter()
@@ -396,18 +406,13 @@ fn websocket_upgrades_are_relayed() {
     let dir = home.dir.path();
     let root = TestRoot::new(dir);
     let cert = root.server_cert("ws", &[API], false);
-    let mut server = std::process::Command::new(venv_python())
-        .arg(fixture("ws_echo.py"))
-        .args(["serve", "127.0.1.11", "443"])
-        .arg(&cert.cert)
-        .arg(&cert.key)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(server.stdout.take().unwrap()), &mut line)
-        .unwrap();
-    assert_eq!(line.trim(), "ready");
+    let mut server = start_ready(
+        std::process::Command::new(venv_python())
+            .arg(fixture("ws_echo.py"))
+            .args(["serve", "127.0.1.11", "443"])
+            .arg(&cert.cert)
+            .arg(&cert.key),
+    );
     let _daemon = start_daemon(&home, &cg, &root.cert, "");
     let view = AgentView::new(dir, &[(API, "127.0.1.11")], &[&beacon_ca(&home)]);
     let r = json_of(
@@ -434,19 +439,14 @@ fn a_full_http2_upstream_connection_does_not_hold_up_the_next_request() {
     let dir = home.dir.path();
     let root = TestRoot::new(dir);
     let cert = root.server_cert("h2", &[API], false);
-    let mut server = std::process::Command::new("node")
-        .arg(fixture("h2_upstream.mjs"))
-        .args(["127.0.1.36", "443"])
-        .arg(&cert.cert)
-        .arg(&cert.key)
-        .arg(HELD.to_string())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(server.stdout.take().unwrap()), &mut line)
-        .unwrap();
-    assert_eq!(line.trim(), "ready");
+    let mut server = start_ready(
+        std::process::Command::new("node")
+            .arg(fixture("h2_upstream.mjs"))
+            .args(["127.0.1.36", "443"])
+            .arg(&cert.cert)
+            .arg(&cert.key)
+            .arg(HELD.to_string()),
+    );
     let daemon = start_daemon(&home, &cg, &root.cert, "");
     let view = AgentView::new(dir, &[(API, "127.0.1.36")], &[&beacon_ca(&home)]);
     let r = json_of(
@@ -478,19 +478,14 @@ fn burst_through_h2_upstream(tag: &str, ip: &str, upstream_args: &[&str]) -> u64
     let dir = home.dir.path();
     let root = TestRoot::new(dir);
     let cert = root.server_cert("h2", &[API], false);
-    let mut server = std::process::Command::new("node")
-        .arg(fixture("h2_upstream.mjs"))
-        .args([ip, "443"])
-        .arg(&cert.cert)
-        .arg(&cert.key)
-        .args(upstream_args)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(server.stdout.take().unwrap()), &mut line)
-        .unwrap();
-    assert_eq!(line.trim(), "ready");
+    let mut server = start_ready(
+        std::process::Command::new("node")
+            .arg(fixture("h2_upstream.mjs"))
+            .args([ip, "443"])
+            .arg(&cert.cert)
+            .arg(&cert.key)
+            .args(upstream_args),
+    );
     let metrics_port = wl_e2e::free_port("127.0.0.1");
     let _daemon = start_daemon(
         &home,
