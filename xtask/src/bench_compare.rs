@@ -13,8 +13,14 @@
 //! connection's p50; a new connection per request (p50); time to the first byte of the
 //! SSE response on a new connection (curl); the proxy's CPU time per request and peak RSS;
 //! and for wl, peak RSS with 10,000 open keep-alive connections (the open-file limit
-//! here is 20,000 per process, which that run stays under). Four rounds in turns;
-//! rounds 1-2 and 3-4 are reported as two runs so that their agreement shows.
+//! here is 20,000 per process, which that run stays under).
+//!
+//! Six rounds. A round runs every system's keep-alive load, then every system's single
+//! connection, then new connections, then SSE, in reverse order every other round: the
+//! runs a ratio compares are seconds apart, and a drift within a round favours no system.
+//! Each goal is the median over rounds of a paired value (wl against its baseline in the
+//! same round). Rounds 1-3 and 4-6 are reported as two runs so that their agreement
+//! shows. Every run's result also goes to stderr, to see the spread behind a median.
 //! Everything is loopback, bounded in time, and stopped at the end.
 
 use std::{
@@ -33,12 +39,13 @@ use crate::{
     workspace_root,
 };
 
-const ROUNDS: usize = 4;
-const LOAD_SECONDS: u32 = 5;
-const SHORT_SECONDS: u32 = 3;
+const ROUNDS: usize = 6;
+const LOAD_SECONDS: u32 = 4;
+const SHORT_SECONDS: u32 = 2;
 const CONNECTIONS: u32 = 32;
 const MANY_CONNECTIONS: u32 = 10_000;
-const SSE_SAMPLES: usize = 15;
+/// Time-to-first-event samples per system and round.
+const SSE_PER_ROUND: usize = 3;
 const WL_CONNECT: &str = "127.0.2.4:3128";
 const MITM_LISTEN: &str = "127.0.2.5:8080";
 /// wl's Prometheus endpoint: its gauges are read during the 10,000-connection run.
@@ -273,7 +280,10 @@ fn oha_run(oha: &Path, prefix: &str, system: &System, args: &str) -> anyhow::Res
         oha = oha.display(),
         host = system.host
     );
-    parse_oha(&client(prefix, &cmd)?)
+    let load = parse_oha(&client(prefix, &cmd)?)?;
+    // Every run on stderr, for a look at the spread behind the medians.
+    eprintln!("  {:<28} {args:<38} {:>8.0} req/s  p50 {:.3} ms", system.name, load.rps, load.p50);
+    Ok(load)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -402,33 +412,51 @@ fn measure(
     let mut samples: Vec<Samples> = SYSTEMS.iter().map(|_| Samples::default()).collect();
     for round in 0..ROUNDS {
         eprintln!("xtask bench compare: round {} of {ROUNDS}", round + 1);
-        for (i, system) in SYSTEMS.iter().enumerate() {
-            if !wanted(system.name) {
-                continue;
-            }
-            let prefix = client_prefix(dir, system, cgroup_dir)?;
+        // One kind of run at a time for every system, so that the runs a ratio compares
+        // are seconds apart rather than a minute; every other round in reverse order, so
+        // that a drift of the machine's speed within a round favours no system.
+        let mut order: Vec<usize> = (0..SYSTEMS.len()).filter(|&i| wanted(SYSTEMS[i].name)).collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        let prefixes: Vec<String> =
+            SYSTEMS.iter().map(|system| client_prefix(dir, system, cgroup_dir)).collect::<Result<_, _>>()?;
+        for &i in &order {
+            let system = &SYSTEMS[i];
             let pids = system.proxy.map(pid_of).unwrap_or_default();
             let cpu_before = cpu_us(&pids);
-            let load = oha_run(oha, &prefix, system, &format!("-z {LOAD_SECONDS}s -c {CONNECTIONS}"))?;
+            let load = oha_run(oha, &prefixes[i], system, &format!("-z {LOAD_SECONDS}s -c {CONNECTIONS}"))?;
             let cpu_after = cpu_us(&pids);
             samples[i].keep_alive.push(load);
             if system.proxy.is_some() {
                 samples[i].cpu_us_per_request.push((cpu_after - cpu_before) / load.requests);
             }
-            samples[i].one.push(oha_run(oha, &prefix, system, &format!("-z {SHORT_SECONDS}s -c 1"))?);
+        }
+        for &i in &order {
+            samples[i].one.push(oha_run(
+                oha,
+                &prefixes[i],
+                &SYSTEMS[i],
+                &format!("-z {SHORT_SECONDS}s -c 1"),
+            )?);
+        }
+        for &i in &order {
             samples[i].new_conn.push(oha_run(
                 oha,
-                &prefix,
-                system,
+                &prefixes[i],
+                &SYSTEMS[i],
                 &format!("-z {SHORT_SECONDS}s -c 1 --disable-keepalive"),
             )?);
+        }
+        for &i in &order {
+            let system = &SYSTEMS[i];
             let proxy = match system.route {
                 Route::Proxy(addr) => format!("-x http://{addr}"),
                 _ => String::new(),
             };
-            for _ in 0..SSE_SAMPLES / ROUNDS + 1 {
+            for _ in 0..SSE_PER_ROUND {
                 let t = client(
-                    &prefix,
+                    &prefixes[i],
                     &format!(
                         "curl -sk {proxy} -o /dev/null -w '%{{time_starttransfer}}' {}",
                         sse_url(system)
@@ -536,7 +564,7 @@ struct Summary {
 
 fn summarize(s: &Samples, rounds: std::ops::Range<usize>) -> Summary {
     let pick = |v: &[Load], f: fn(&Load) -> f64| median(v[rounds.clone()].iter().map(f).collect());
-    let per_round = (SSE_SAMPLES / ROUNDS) + 1;
+    let per_round = SSE_PER_ROUND;
     Summary {
         rps: pick(&s.keep_alive, |l| l.rps),
         p50: pick(&s.keep_alive, |l| l.p50),
@@ -553,6 +581,43 @@ fn summarize(s: &Samples, rounds: std::ops::Range<usize>) -> Summary {
     }
 }
 
+/// The median over `rounds` of each round's `f(a) / f(b)`: a ratio of runs seconds apart,
+/// steadier than the ratio of two medians taken minutes apart.
+fn paired_ratio(
+    a: &Samples,
+    b: &Samples,
+    rounds: std::ops::Range<usize>,
+    f: impl Fn(&Samples, usize) -> f64,
+) -> f64 {
+    median(rounds.map(|r| f(a, r) / f(b, r)).collect())
+}
+
+/// The median over `rounds` of each round's `f(a) - f(b)`.
+fn paired_difference(
+    a: &Samples,
+    b: &Samples,
+    rounds: std::ops::Range<usize>,
+    f: impl Fn(&Samples, usize) -> f64,
+) -> f64 {
+    median(rounds.map(|r| f(a, r) - f(b, r)).collect())
+}
+
+fn rps(s: &Samples, round: usize) -> f64 {
+    s.keep_alive[round].rps
+}
+
+fn one_p50(s: &Samples, round: usize) -> f64 {
+    s.one[round].p50
+}
+
+fn new_p50(s: &Samples, round: usize) -> f64 {
+    s.new_conn[round].p50
+}
+
+fn cpu(s: &Samples, round: usize) -> f64 {
+    s.cpu_us_per_request[round]
+}
+
 fn report(
     samples: &[Samples],
     rss: &BTreeMap<&str, f64>,
@@ -561,10 +626,7 @@ fn report(
     oha: &Path,
 ) -> (String, String) {
     let all: Vec<Summary> = samples.iter().map(|s| summarize(s, 0..ROUNDS)).collect();
-    let runs: [Vec<Summary>; 2] = [
-        samples.iter().map(|s| summarize(s, 0..ROUNDS / 2)).collect(),
-        samples.iter().map(|s| summarize(s, ROUNDS / 2..ROUNDS)).collect(),
-    ];
+    let runs = [0..ROUNDS / 2, ROUNDS / 2..ROUNDS];
     let idx = |name: &str| SYSTEMS.iter().position(|s| s.name == name).expect("a system of the table");
     let (direct, nginx, wl, wl_cred, mitm) = (
         idx("direct"),
@@ -609,7 +671,8 @@ fn report(
          (`--insecure` for every system alike), pinned to CPU 0; proxies and upstream pinned to CPU 1. \
          mitmproxy {mitm_version}, regular mode. wl: release build, `observe`, audit trail on, the built-in \
          policies; \"+ credential\" adds a key from the broker (SCT issue and redeem) to every request. \
-         {ROUNDS} rounds in turns (each system's runs back to back, then the next system); medians. \
+         {ROUNDS} rounds; in each, every system's keep-alive run, then every system's one-connection run, and so \
+         on, in reverse order every other round; the table shows medians over the rounds. \
          Keep-alive: {CONNECTIONS} connections for {LOAD_SECONDS} s. One connection and new connection per \
          request: {SHORT_SECONDS} s each. SSE: curl's time to the first byte on a new connection. CPU: the \
          proxy's processes' user + system time over the keep-alive run divided by its requests. RSS: peak \
@@ -638,7 +701,9 @@ fn report(
     let _ = write!(s, "\nRatios of keep-alive throughput, per run (rounds 1-{} and {}-{}):\n\n| system | to direct | | to nginx | |\n|---|---|---|---|---|\n", ROUNDS / 2, ROUNDS / 2 + 1, ROUNDS);
     let mut worst_disagreement: f64 = 0.0;
     for (i, sys) in SYSTEMS.iter().enumerate() {
-        let r = |run: &[Summary], base: usize| run[i].rps / run[base].rps;
+        let r = |run: &std::ops::Range<usize>, base: usize| {
+            paired_ratio(&samples[i], &samples[base], run.clone(), rps)
+        };
         let (d1, d2) = (r(&runs[0], direct), r(&runs[1], direct));
         let (n1, n2) = (r(&runs[0], nginx), r(&runs[1], nginx));
         for (a, b) in [(d1, d2), (n1, n2)] {
@@ -661,10 +726,21 @@ fn report(
         rss["wl start-up"],
     );
     let met = |ok: bool| if ok { "met" } else { "not met" };
-    let (w, c, n, d, m) = (&all[wl], &all[wl_cred], &all[nginx], &all[direct], &all[mitm]);
+    // Each goal from the rounds paired: wl's run against its baseline's in the same round.
+    let (w, c, n, d, m) =
+        (&samples[wl], &samples[wl_cred], &samples[nginx], &samples[direct], &samples[mitm]);
+    let every = || 0..ROUNDS;
+    let (w_nginx, c_nginx) = (paired_ratio(w, n, every(), rps), paired_ratio(c, n, every(), rps));
+    let (w_mitm, c_mitm) = (paired_ratio(w, m, every(), rps), paired_ratio(c, m, every(), rps));
+    let one_added = paired_difference(w, d, every(), one_p50);
+    let one_added_cred = paired_difference(c, d, every(), one_p50);
+    let new_added = paired_difference(w, d, every(), new_p50);
+    let cpu_ratio = paired_ratio(w, n, every(), cpu);
     let _ = write!(
         s,
-        "| goal (wl transparent) | measured | |\n|---|---|---|\n\
+        "Each goal below pairs the runs of one round (wl's against its baseline's, seconds apart) and takes the \
+         median over the {ROUNDS} rounds.\n\n\
+         | goal (wl transparent) | measured | |\n|---|---|---|\n\
          | keep-alive throughput ≥ 90% of nginx's | {:.0}% ({:.0}% with credential) | {} |\n\
          | keep-alive throughput ≥ 30x mitmproxy's | {:.1}x ({:.1}x with credential) | {} |\n\
          | one keep-alive connection: < 0.1 ms added at p50 | {:+.3} ms | {} |\n\
@@ -672,25 +748,26 @@ fn report(
          | new connection (leaf cached): < 0.3 ms added | {:+.3} ms | {} |\n\
          | peak RSS < 30 MiB at that load | {:.1} MiB | {} |\n\
          | peak RSS < 150 MiB with {MANY_CONNECTIONS} connections | {rss_many:.1} MiB | {} |\n\
-         | proxy CPU per request ≤ nginx's + 50% | {:.0} µs vs {:.0} µs | {} |\n",
-        w.rps / n.rps * 100.0,
-        c.rps / n.rps * 100.0,
-        met(w.rps >= 0.9 * n.rps),
-        w.rps / m.rps,
-        c.rps / m.rps,
-        met(w.rps >= 30.0 * m.rps),
-        w.one_p50 - d.one_p50,
-        met(w.one_p50 - d.one_p50 < 0.1),
-        c.one_p50 - d.one_p50,
-        met(c.one_p50 - d.one_p50 < 0.2),
-        w.new_p50 - d.new_p50,
-        met(w.new_p50 - d.new_p50 < 0.3),
+         | proxy CPU per request ≤ nginx's + 50% | {:.2}x nginx's ({:.0} µs vs {:.0} µs, medians) | {} |\n",
+        w_nginx * 100.0,
+        c_nginx * 100.0,
+        met(w_nginx >= 0.9),
+        w_mitm,
+        c_mitm,
+        met(w_mitm >= 30.0),
+        one_added,
+        met(one_added < 0.1),
+        one_added_cred,
+        met(one_added_cred < 0.2),
+        new_added,
+        met(new_added < 0.3),
         rss["wl"],
         met(rss["wl"] < 30.0),
         met(rss_many < 150.0),
-        w.cpu_us,
-        n.cpu_us,
-        met(w.cpu_us <= 1.5 * n.cpu_us),
+        cpu_ratio,
+        all[wl].cpu_us,
+        all[nginx].cpu_us,
+        met(cpu_ratio <= 1.5),
     );
     (s, svg(&all))
 }
