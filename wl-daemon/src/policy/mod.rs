@@ -326,11 +326,11 @@ impl PolicyEngine {
     ) -> Decision {
         let action = uid("Wl::Action", action_name);
         let relevant = agent.relevant(self, action_name, &action);
-        if relevant.all_hold {
+        if let Some(decision) = &relevant.unconditional {
             // Every relevant policy holds (no conditions; the built-in set for requests):
             // Cedar's answer is known without building the context, which costs more
             // than the rest of the decision.
-            return relevant.decision_without_conditions(self);
+            return decision.clone();
         }
         let fail = |msg: String| Decision { allow: false, policies: Vec::new(), errors: vec![msg] };
         // The context is built by wl itself (facts.rs) and a unit test checks its shape
@@ -428,8 +428,10 @@ struct Relevant {
     members: Vec<usize>,
     /// Whether any of them has guards.
     guarded: bool,
-    /// Whether every one of them holds in scope (`Scoped::holds_in_scope`).
-    all_hold: bool,
+    /// When every one of them holds in scope (`Scoped::holds_in_scope`), the decision,
+    /// made once when the set is built: every request of the connection gets it (naming
+    /// its policies means formatting their ids, which costs more than the rest).
+    unconditional: Option<Decision>,
     /// Sets already built for guard outcomes (which members pass), most recent last: the
     /// requests of one connection mostly share an outcome, and building a set costs more
     /// than deciding with it.
@@ -512,7 +514,12 @@ impl AgentEntities {
         }
         let guarded = members.iter().any(|&i| !engine.scoped[i].guards.is_empty());
         let all_hold = members.iter().all(|&i| engine.scoped[i].holds_in_scope);
-        let relevant = Arc::new(Relevant { set, members, guarded, all_hold, by_outcome: Default::default() });
+        let mut relevant =
+            Relevant { set, members, guarded, unconditional: None, by_outcome: Default::default() };
+        if all_hold {
+            relevant.unconditional = Some(relevant.decision_without_conditions(engine));
+        }
+        let relevant = Arc::new(relevant);
         cache.retain(|(g, _, _)| *g == engine.generation);
         cache.push((engine.generation, action_name, relevant.clone()));
         relevant
@@ -977,8 +984,9 @@ mod tests {
                 let agent = AgentEntities::new(Some(&agent(cgroup, 1000)), host);
                 let facts = chat(None);
                 let got = engine.decide_request(&agent, &facts);
-                shortcuts +=
-                    usize::from(agent.relevant(&engine, "Request", &uid("Wl::Action", "Request")).all_hold);
+                shortcuts += usize::from(
+                    agent.relevant(&engine, "Request", &uid("Wl::Action", "Request")).unconditional.is_some(),
+                );
                 let (allow, want, _) = cedar_over_all(&engine, &agent, &facts);
                 let mut got_policies = got.policies.clone();
                 got_policies.sort();
