@@ -20,7 +20,9 @@
 //! runs a ratio compares are seconds apart, and a drift within a round favours no system.
 //! Each goal is the median over rounds of a paired value (wl against its baseline in the
 //! same round). Rounds 1-3 and 4-6 are reported as two runs so that their agreement
-//! shows. Every run's result also goes to stderr, to see the spread behind a median.
+//! shows, and the whole run's ratios are compared with the previous run's on this machine
+//! (kept in the cache directory). Every run's result also goes to stderr, to see the
+//! spread behind a median.
 //! Everything is loopback, bounded in time, and stopped at the end.
 
 use std::{
@@ -699,7 +701,8 @@ fn report(
         );
     }
     let _ = write!(s, "\nRatios of keep-alive throughput, per run (rounds 1-{} and {}-{}):\n\n| system | to direct | | to nginx | |\n|---|---|---|---|---|\n", ROUNDS / 2, ROUNDS / 2 + 1, ROUNDS);
-    let mut worst_disagreement: f64 = 0.0;
+    let mut worst = (0.0_f64, "");
+    let mut whole_run = serde_json::Map::new();
     for (i, sys) in SYSTEMS.iter().enumerate() {
         let r = |run: &std::ops::Range<usize>, base: usize| {
             paired_ratio(&samples[i], &samples[base], run.clone(), rps)
@@ -707,15 +710,23 @@ fn report(
         let (d1, d2) = (r(&runs[0], direct), r(&runs[1], direct));
         let (n1, n2) = (r(&runs[0], nginx), r(&runs[1], nginx));
         for (a, b) in [(d1, d2), (n1, n2)] {
-            worst_disagreement = worst_disagreement.max((a - b).abs() / a.max(b));
+            let differ = (a - b).abs() / a.max(b);
+            if differ > worst.0 {
+                worst = (differ, sys.name);
+            }
         }
         let _ = writeln!(s, "| {} | {d1:.3} | {d2:.3} | {n1:.3} | {n2:.3} |", sys.name);
+        whole_run
+            .insert(sys.name.into(), serde_json::json!([r(&(0..ROUNDS), direct), r(&(0..ROUNDS), nginx)]));
     }
     let _ = writeln!(
         s,
-        "\nThe two runs' ratios differ by at most {:.0}% (goal: within 15%).\n",
-        worst_disagreement * 100.0
+        "\nThe two runs' ratios differ by at most {:.0}% ({}; goal: within 15%).",
+        worst.0 * 100.0,
+        worst.1
     );
+    let _ =
+        writeln!(s, "{}\n", against_previous_run(&cache_dir().join("bench/compare-ratios.json"), whole_run));
     let _ = write!(
         s,
         "Peak RSS under load: nginx {:.1} MiB, wl {:.1} MiB (broker {:.1} MiB more), mitmproxy {:.1} MiB. wl with {MANY_CONNECTIONS} open keep-alive connections: {rss_many:.1} MiB ({many_note}). wl's start-up peak, before any load: {:.1} MiB (aya parses the kernel's BTF while loading the eBPF programs; freed and returned once running).\n\n",
@@ -772,6 +783,47 @@ fn report(
     (s, svg(&all))
 }
 
+/// Compares this run's whole-run ratios (to direct, to nginx, per system) with those of
+/// the previous full `bench compare` on this machine, kept in the cache directory, and
+/// keeps this run's for the next: the acceptance asks that two consecutive runs agree.
+fn against_previous_run(path: &Path, ratios: serde_json::Map<String, serde_json::Value>) -> String {
+    let previous: Option<serde_json::Value> =
+        std::fs::read(path).ok().and_then(|b| serde_json::from_slice(&b).ok());
+    let now = Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let current = serde_json::json!({ "when": now, "ratios": ratios });
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let _ = std::fs::write(path, serde_json::to_vec_pretty(&current).unwrap_or_default());
+    let Some(previous) = previous else {
+        return "No earlier run on this machine to compare the whole run's ratios with.".into();
+    };
+    let mut worst = (0.0_f64, String::new());
+    for (name, now_pair) in &ratios {
+        let (Some(a), Some(b)) = (now_pair.as_array(), previous["ratios"][name].as_array()) else { continue };
+        for (k, base) in ["direct", "nginx"].iter().enumerate() {
+            let (Some(x), Some(y)) = (a.get(k).and_then(|v| v.as_f64()), b.get(k).and_then(|v| v.as_f64()))
+            else {
+                continue;
+            };
+            let differ = (x - y).abs() / x.max(y);
+            if differ > worst.0 {
+                worst = (differ, format!("{name} to {base}"));
+            }
+        }
+    }
+    format!(
+        "Against the previous run on this machine ({}), whole-run ratios differ by at most {:.0}% ({}).",
+        previous["when"].as_str().unwrap_or("unknown time"),
+        worst.0 * 100.0,
+        worst.1
+    )
+}
+
 /// Grouped bars of p50, p99 and p99.9 (keep-alive, log scale) per system.
 fn svg(all: &[Summary]) -> String {
     let (w, h, left, top, bottom) = (900.0, 420.0, 70.0, 30.0, 90.0);
@@ -825,4 +877,23 @@ fn svg(all: &[Summary]) -> String {
     }
     s.push_str("</svg>\n");
     s
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_run_is_compared_with_the_one_before() {
+        let dir = std::env::temp_dir().join(format!("wl-xtask-ratios-{}", std::process::id()));
+        let path = dir.join("compare-ratios.json");
+        let ratios = |wl_to_nginx: f64| {
+            let mut m = serde_json::Map::new();
+            m.insert("wl transparent".into(), serde_json::json!([0.3, wl_to_nginx]));
+            m
+        };
+        let first = super::against_previous_run(&path, ratios(0.8));
+        assert!(first.starts_with("No earlier run"), "{first}");
+        let second = super::against_previous_run(&path, ratios(0.6));
+        assert!(second.contains("differ by at most 25% (wl transparent to nginx)"), "{second}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
