@@ -532,11 +532,13 @@ fn streams_an_http2_upstream_refuses_unprocessed_are_sent_again() {
 
 /// A server that closes a connection (after so many requests, or going down) sends GOAWAY
 /// naming the last stream it processed; the streams above it were not, and go again on a
-/// new connection. Nothing is processed twice.
+/// new connection. Nothing is processed twice. (The upstream holds the burst's first four
+/// streams and then sends GOAWAY naming the first, so that at least three certainly went
+/// out before it, however fast the machine: a burst racing the GOAWAY made this flaky.)
 #[test]
 fn streams_above_an_upstream_goaway_are_sent_again() {
     let unprocessed = burst_through_h2_upstream("goaway", "127.0.1.38", &["100", "goaway"]);
-    assert!(unprocessed > 0, "the burst met the GOAWAY (else this test shows nothing)");
+    assert!(unprocessed >= 3, "the three held streams above the GOAWAY were sent again: {unprocessed}");
 }
 
 #[test]
