@@ -103,6 +103,9 @@ struct Load {
     p999: f64,
 }
 
+/// Where a kind of run's results go among a system's samples.
+type RunsOf = fn(&mut Samples) -> &mut Vec<Load>;
+
 /// One system's samples over the rounds.
 #[derive(Default)]
 struct Samples {
@@ -412,6 +415,11 @@ fn measure(
 
     let sse_url = |s: &System| format!("https://{}/v1/sse", s.host);
     let mut samples: Vec<Samples> = SYSTEMS.iter().map(|_| Samples::default()).collect();
+    let prefixes: Vec<String> =
+        SYSTEMS.iter().map(|system| client_prefix(dir, system, cgroup_dir)).collect::<Result<_, _>>()?;
+    // The single-connection runs: oha's arguments, and where each system's results go.
+    let single: [(&str, RunsOf); 2] =
+        [("-c 1", |s| &mut s.one), ("-c 1 --disable-keepalive", |s| &mut s.new_conn)];
     for round in 0..ROUNDS {
         eprintln!("xtask bench compare: round {} of {ROUNDS}", round + 1);
         // One kind of run at a time for every system, so that the runs a ratio compares
@@ -421,8 +429,6 @@ fn measure(
         if round % 2 == 1 {
             order.reverse();
         }
-        let prefixes: Vec<String> =
-            SYSTEMS.iter().map(|system| client_prefix(dir, system, cgroup_dir)).collect::<Result<_, _>>()?;
         for &i in &order {
             let system = &SYSTEMS[i];
             let pids = system.proxy.map(pid_of).unwrap_or_default();
@@ -434,21 +440,11 @@ fn measure(
                 samples[i].cpu_us_per_request.push((cpu_after - cpu_before) / load.requests);
             }
         }
-        for &i in &order {
-            samples[i].one.push(oha_run(
-                oha,
-                &prefixes[i],
-                &SYSTEMS[i],
-                &format!("-z {SHORT_SECONDS}s -c 1"),
-            )?);
-        }
-        for &i in &order {
-            samples[i].new_conn.push(oha_run(
-                oha,
-                &prefixes[i],
-                &SYSTEMS[i],
-                &format!("-z {SHORT_SECONDS}s -c 1 --disable-keepalive"),
-            )?);
+        for (args, runs_of) in single {
+            for &i in &order {
+                let load = oha_run(oha, &prefixes[i], &SYSTEMS[i], &format!("-z {SHORT_SECONDS}s {args}"))?;
+                runs_of(&mut samples[i]).push(load);
+            }
         }
         for &i in &order {
             let system = &SYSTEMS[i];
