@@ -15,14 +15,14 @@
 //! and for wl, peak RSS with 10,000 open keep-alive connections (the open-file limit
 //! here is 20,000 per process, which that run stays under).
 //!
-//! Six rounds. A round runs every system's keep-alive load, then every system's single
+//! Twelve rounds. A round runs every system's keep-alive load, then every system's single
 //! connection, then new connections, then SSE, in reverse order every other round: the
 //! runs a ratio compares are seconds apart, and a drift within a round favours no system.
-//! Each goal is the median over rounds of a paired value (wl against its baseline in the
-//! same round). Rounds 1-3 and 4-6 are reported as two runs so that their agreement
-//! shows, and the whole run's ratios are compared with the previous run's on this machine
-//! (kept in the cache directory). Every run's result also goes to stderr, to see the
-//! spread behind a median.
+//! Each goal and ratio is a trimmed mean over rounds of a paired value (wl against its
+//! baseline in the same round). The first and second half of the rounds are reported as
+//! two runs so that their agreement shows, and the whole run's ratios are compared with
+//! the previous run's on this machine (kept in the cache directory). Every run's result
+//! also goes to stderr, to see the spread behind a mean.
 //! Everything is loopback, bounded in time, and stopped at the end.
 
 use std::{
@@ -41,13 +41,17 @@ use crate::{
     workspace_root,
 };
 
-const ROUNDS: usize = 6;
+/// Rounds per run. On this project's 2-vCPU machines a system's rate moves by a third from
+/// one second to the next (docs/profile.md, "Reading this machine's numbers"), so a
+/// ratio of two runs a few seconds apart still spreads by about 13%; twelve rounds bring
+/// the estimate's own spread to about 4%, what two runs agreeing within 15% needs.
+const ROUNDS: usize = 12;
 const LOAD_SECONDS: u32 = 4;
 const SHORT_SECONDS: u32 = 2;
 const CONNECTIONS: u32 = 32;
 const MANY_CONNECTIONS: u32 = 10_000;
 /// Time-to-first-event samples per system and round.
-const SSE_PER_ROUND: usize = 3;
+const SSE_PER_ROUND: usize = 2;
 const WL_CONNECT: &str = "127.0.2.4:3128";
 const MITM_LISTEN: &str = "127.0.2.5:8080";
 /// wl's Prometheus endpoint: its gauges are read during the 10,000-connection run.
@@ -579,25 +583,39 @@ fn summarize(s: &Samples, rounds: std::ops::Range<usize>) -> Summary {
     }
 }
 
-/// The median over `rounds` of each round's `f(a) / f(b)`: a ratio of runs seconds apart,
-/// steadier than the ratio of two medians taken minutes apart.
+/// Each round's `f(a) / f(b)` (a ratio of runs seconds apart, steadier than a ratio of
+/// two medians taken minutes apart), combined over `rounds` as a trimmed geometric mean.
 fn paired_ratio(
     a: &Samples,
     b: &Samples,
     rounds: std::ops::Range<usize>,
     f: impl Fn(&Samples, usize) -> f64,
 ) -> f64 {
-    median(rounds.map(|r| f(a, r) / f(b, r)).collect())
+    trimmed_mean(rounds.map(|r| (f(a, r) / f(b, r)).ln()).collect()).exp()
 }
 
-/// The median over `rounds` of each round's `f(a) - f(b)`.
+/// Each round's `f(a) - f(b)`, combined over `rounds` as a trimmed mean.
 fn paired_difference(
     a: &Samples,
     b: &Samples,
     rounds: std::ops::Range<usize>,
     f: impl Fn(&Samples, usize) -> f64,
 ) -> f64 {
-    median(rounds.map(|r| f(a, r) - f(b, r)).collect())
+    trimmed_mean(rounds.map(|r| f(a, r) - f(b, r)).collect())
+}
+
+/// The mean of `v` without its lowest and highest sixth: as robust as the median to a
+/// round the machine disturbed, and with less spread of its own when none did (the
+/// median of n values varies about as much as the mean of 0.64 n).
+fn trimmed_mean(mut v: Vec<f64>) -> f64 {
+    v.retain(|x| x.is_finite());
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    let cut = v.len() / 6;
+    let kept = &v[cut..v.len() - cut];
+    kept.iter().sum::<f64>() / kept.len() as f64
 }
 
 fn rps(s: &Samples, round: usize) -> f64 {
@@ -746,7 +764,7 @@ fn report(
     let _ = write!(
         s,
         "Each goal below pairs the runs of one round (wl's against its baseline's, seconds apart) and takes the \
-         median over the {ROUNDS} rounds.\n\n\
+         mean over the {ROUNDS} rounds without the highest and lowest sixth (for ratios, of their logarithms).\n\n\
          | goal (wl transparent) | measured | |\n|---|---|---|\n\
          | keep-alive throughput ≥ 90% of nginx's | {:.0}% ({:.0}% with credential) | {} |\n\
          | keep-alive throughput ≥ 30x mitmproxy's | {:.1}x ({:.1}x with credential) | {} |\n\
@@ -877,6 +895,16 @@ fn svg(all: &[Summary]) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_disturbed_round_moves_the_trimmed_mean_little() {
+        let steady = vec![1.0, 1.1, 0.9, 1.0, 1.05, 0.95];
+        assert!((super::trimmed_mean(steady.clone()) - 1.0).abs() < 1e-9);
+        let mut disturbed = steady;
+        disturbed[2] = 40.0;
+        assert!((super::trimmed_mean(disturbed) - 1.0375).abs() < 1e-9);
+        assert!(super::trimmed_mean(vec![f64::NAN]).is_nan());
+    }
+
     #[test]
     fn a_run_is_compared_with_the_one_before() {
         let dir = std::env::temp_dir().join(format!("wl-xtask-ratios-{}", std::process::id()));
