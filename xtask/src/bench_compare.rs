@@ -41,12 +41,16 @@ use crate::{
     workspace_root,
 };
 
-/// Rounds per run. On this project's 2-vCPU machines a system's rate moves by a third from
-/// one second to the next (docs/profile.md, "Reading this machine's numbers"), so a
-/// ratio of two runs a few seconds apart still spreads by about 13%; twelve rounds bring
-/// the estimate's own spread to about 4%, what two runs agreeing within 15% needs.
+/// Rounds per run, and the length of each keep-alive run. On this project's 2-vCPU
+/// machines a proxy's keep-alive rate wanders by a factor of up to two within seconds
+/// while the CPU it is bound by stays fully busy, and the wandering of two systems measured
+/// seconds apart is unrelated (docs/profile.md, "Reading this machine's numbers"): pairing
+/// cannot cancel it, only measuring longer averages it out. The spread of a run's mean rate
+/// falls with the square root of its length (4-second runs: about 20%, 20-second runs:
+/// about 9%), so twelve 16-second runs per system bring a whole run's ratio to about 4%,
+/// and two runs' ratios within 15% of each other at about three standard deviations.
 const ROUNDS: usize = 12;
-const LOAD_SECONDS: u32 = 4;
+const LOAD_SECONDS: u32 = 16;
 const SHORT_SECONDS: u32 = 2;
 const CONNECTIONS: u32 = 32;
 const MANY_CONNECTIONS: u32 = 10_000;
@@ -714,7 +718,7 @@ fn report(
             if a.cpu_us.is_nan() { "-".to_string() } else { format!("{:.0}", a.cpu_us) }
         );
     }
-    let _ = write!(s, "\nRatios of keep-alive throughput, per run (rounds 1-{} and {}-{}):\n\n| system | to direct | | to nginx | |\n|---|---|---|---|---|\n", ROUNDS / 2, ROUNDS / 2 + 1, ROUNDS);
+    let _ = write!(s, "\nRatios of keep-alive throughput, per half of the run (rounds 1-{} and {}-{}):\n\n| system | to direct | | to nginx | |\n|---|---|---|---|---|\n", ROUNDS / 2, ROUNDS / 2 + 1, ROUNDS);
     let mut worst = (0.0_f64, "");
     let mut whole_run = serde_json::Map::new();
     for (i, sys) in SYSTEMS.iter().enumerate() {
@@ -735,12 +739,16 @@ fn report(
     }
     let _ = writeln!(
         s,
-        "\nThe two runs' ratios differ by at most {:.0}% ({}; goal: within 15%).",
+        "\nThe two halves' ratios differ by at most {:.0}% ({}; six rounds each, so their spread is \
+         larger than a whole run's).",
         worst.0 * 100.0,
         worst.1
     );
-    let _ =
-        writeln!(s, "{}\n", against_previous_run(&cache_dir().join("bench/compare-ratios.json"), whole_run));
+    let _ = writeln!(
+        s,
+        "{}\n",
+        against_previous_run(&cache_dir().join("bench/compare-ratios.json"), whole_run, &commit())
+    );
     let _ = write!(
         s,
         "Peak RSS under load: nginx {:.1} MiB, wl {:.1} MiB (broker {:.1} MiB more), mitmproxy {:.1} MiB. wl with {MANY_CONNECTIONS} open keep-alive connections: {rss_many:.1} MiB ({many_note}). wl's start-up peak, before any load: {:.1} MiB (aya parses the kernel's BTF while loading the eBPF programs; freed and returned once running).\n\n",
@@ -800,7 +808,11 @@ fn report(
 /// Compares this run's whole-run ratios (to direct, to nginx, per system) with those of
 /// the previous full `bench compare` on this machine, kept in the cache directory, and
 /// keeps this run's for the next: the acceptance asks that two consecutive runs agree.
-fn against_previous_run(path: &Path, ratios: serde_json::Map<String, serde_json::Value>) -> String {
+fn against_previous_run(
+    path: &Path,
+    ratios: serde_json::Map<String, serde_json::Value>,
+    commit: &str,
+) -> String {
     let previous: Option<serde_json::Value> =
         std::fs::read(path).ok().and_then(|b| serde_json::from_slice(&b).ok());
     let now = Command::new("date")
@@ -808,7 +820,7 @@ fn against_previous_run(path: &Path, ratios: serde_json::Map<String, serde_json:
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
-    let current = serde_json::json!({ "when": now, "ratios": ratios });
+    let current = serde_json::json!({ "when": now, "commit": commit, "ratios": ratios });
     if let Some(dir) = path.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
@@ -830,12 +842,42 @@ fn against_previous_run(path: &Path, ratios: serde_json::Map<String, serde_json:
             }
         }
     }
+    let same = match previous["commit"].as_str() {
+        Some(c) if c == commit => format!("commit {commit}, as this one"),
+        Some(c) => format!("commit {c}, this one {commit}"),
+        None => "commit not recorded".into(),
+    };
     format!(
-        "Against the previous run on this machine ({}), whole-run ratios differ by at most {:.0}% ({}).",
+        "Against the previous run on this machine ({}, {same}), whole-run ratios differ by at most {:.0}% ({}; \
+         goal: within 15%, {}).",
         previous["when"].as_str().unwrap_or("unknown time"),
         worst.0 * 100.0,
-        worst.1
+        worst.1,
+        if worst.0 <= 0.15 { "met" } else { "not met" }
     )
+}
+
+/// The checked-out commit, `-dirty` when the code measured has uncommitted changes (not
+/// BENCHMARKS.md, which a run itself rewrites): two runs agreeing only means something
+/// for the same code.
+fn commit() -> String {
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .args(args)
+            .current_dir(workspace_root())
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default()
+    };
+    let dirty =
+        if git(&["status", "--porcelain", "--", "Cargo.toml", "Cargo.lock", "wl-daemon", "wl-ebpf", "xtask"])
+            .is_empty()
+        {
+            ""
+        } else {
+            "-dirty"
+        };
+    format!("{}{dirty}", git(&["rev-parse", "--short", "HEAD"]))
 }
 
 /// Grouped bars of p50, p99 and p99.9 (keep-alive, log scale) per system.
@@ -914,10 +956,20 @@ mod tests {
             m.insert("wl transparent".into(), serde_json::json!([0.3, wl_to_nginx]));
             m
         };
-        let first = super::against_previous_run(&path, ratios(0.8));
+        let first = super::against_previous_run(&path, ratios(0.8), "abc");
         assert!(first.starts_with("No earlier run"), "{first}");
-        let second = super::against_previous_run(&path, ratios(0.6));
-        assert!(second.contains("differ by at most 25% (wl transparent to nginx)"), "{second}");
+        let second = super::against_previous_run(&path, ratios(0.6), "abc");
+        assert!(second.contains("commit abc, as this one"), "{second}");
+        assert!(
+            second.contains("differ by at most 25% (wl transparent to nginx; goal: within 15%, not met)"),
+            "{second}"
+        );
+        let third = super::against_previous_run(&path, ratios(0.55), "def");
+        assert!(third.contains("commit abc, this one def"), "{third}");
+        assert!(
+            third.contains("differ by at most 8% (wl transparent to nginx; goal: within 15%, met)"),
+            "{third}"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
