@@ -74,7 +74,7 @@ fn main() {
         };
         assert!(s.call(&put).await.unwrap().ok);
         let use_ = Use {
-            agent: Some(common::agent()),
+            agent: Some(std::sync::Arc::new(common::agent())),
             host: "api.openai.com".into(),
             secret: "openai".into(),
             method: "POST".into(),

@@ -64,7 +64,7 @@ pub struct DecisionRecord {
     /// The request (`wl-<conn>-<n>`, as in its `request` record).
     pub request_id: String,
     /// Who is calling.
-    pub agent: Option<AgentIdentity>,
+    pub agent: Option<Arc<AgentIdentity>>,
     /// The API host.
     pub host: String,
     /// HTTP method.
@@ -97,16 +97,16 @@ pub struct Checkpoint {
 pub struct ConnectionRecord {
     /// Daemon-local connection number.
     pub conn_id: u64,
-    /// The listener that accepted it.
-    pub listener: String,
+    /// The listener that accepted it (shared by the listener's connections).
+    pub listener: Arc<str>,
     /// The agent's address as the daemon saw it.
-    pub peer: String,
+    pub peer: std::net::SocketAddr,
     /// Where the agent was connecting to.
-    pub dst: Option<String>,
+    pub dst: Option<std::net::SocketAddr>,
     /// The server name (TLS SNI, or the API host of an explicit listener), when known.
     pub host: Option<String>,
     /// Who was connecting.
-    pub agent: Option<AgentIdentity>,
+    pub agent: Option<Arc<AgentIdentity>>,
     /// What wl did: `splice` (bytes relayed unchanged), `terminate` (TLS terminated, HTTP
     /// served), `http` (plain HTTP served) or `refused`.
     pub action: &'static str,
@@ -127,11 +127,11 @@ pub struct ConnectionRecord {
 
 impl ConnectionRecord {
     /// A record for a just-accepted connection; the handler fills in the rest.
-    pub fn new(conn_id: u64, listener: String, peer: std::net::SocketAddr) -> Self {
+    pub fn new(conn_id: u64, listener: Arc<str>, peer: std::net::SocketAddr) -> Self {
         Self {
             conn_id,
             listener,
-            peer: peer.to_string(),
+            peer,
             dst: None,
             host: None,
             agent: None,
@@ -155,7 +155,7 @@ pub struct RequestRecord {
     /// `wl-<conn>-<n>`, also sent to the agent as `x-wl-request-id` on errors.
     pub request_id: String,
     /// Who sent it.
-    pub agent: Option<AgentIdentity>,
+    pub agent: Option<Arc<AgentIdentity>>,
     /// HTTP method.
     pub method: String,
     /// The host it went to.
@@ -211,7 +211,7 @@ pub struct SecretRecord {
     /// The signing key's id (`rotate_key`).
     pub kid: Option<String>,
     /// The agent the request was made for.
-    pub agent: Option<AgentIdentity>,
+    pub agent: Option<Arc<AgentIdentity>>,
     /// HTTP method and path of that request.
     pub method: Option<String>,
     /// See `method`.

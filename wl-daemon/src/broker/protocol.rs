@@ -8,6 +8,8 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use zeroize::Zeroizing;
 
 use super::store::{SecretMeta, SecretValue};
+use std::sync::Arc;
+
 use crate::intercept::identity::AgentIdentity;
 
 /// The longest request line the broker reads.
@@ -71,7 +73,7 @@ pub enum BrokerRequest {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Use {
     /// The agent the request is made for (`None`: not known).
-    pub agent: Option<AgentIdentity>,
+    pub agent: Option<Arc<AgentIdentity>>,
     /// The API host.
     pub host: String,
     /// The secret's name.

@@ -480,7 +480,7 @@ impl Broker {
             let claims = Claims {
                 kid: sct::key_id(&signer.verifying_key()),
                 jti,
-                agent: sct::agent_digest(use_.agent.as_ref()),
+                agent: sct::agent_digest(use_.agent.as_deref()),
                 request: sct::request_digest(&use_.method, &use_.path),
                 issued_ms: now,
                 expires_ms: now + self.ttl_ms,
@@ -520,7 +520,7 @@ impl Broker {
             return d.clone();
         }
         let d = engine.decide_use_secret(
-            use_.agent.as_ref(),
+            use_.agent.as_deref(),
             &use_.secret,
             hosts,
             &use_.host,
@@ -546,7 +546,7 @@ impl Broker {
     ) -> Reply {
         let mut record = SecretRecord::for_use("redeem", &use_, peer_uid);
         record.jti = sct::peek(token).map(|c| c.jti_hex());
-        let agent = sct::agent_digest(use_.agent.as_ref());
+        let agent = sct::agent_digest(use_.agent.as_deref());
         let request = sct::request_digest(&use_.method, &use_.path);
         let binding = Binding { agent: &agent, request: &request, host: &use_.host, secret: &use_.secret };
         let keys = &vault.keys;

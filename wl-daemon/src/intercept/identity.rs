@@ -3,8 +3,16 @@
 //!
 //! Short-lived agents may exit before the daemon looks; then the kernel's facts stand alone
 //! and the cgroup path comes from the id (see [`CgroupNames`]).
+//!
+//! Identities are shared: every connection of one agent thread holds the same
+//! `Arc<AgentIdentity>`, and so does every audit record of its requests. A host with
+//! thousands of keep-alive connections from a few agents keeps a few identities rather
+//! than one set of strings per connection, and a request's record costs no string copies.
 
-use std::{collections::HashMap, sync::Mutex};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, Weak},
+};
 
 use serde::{Deserialize, Serialize};
 use wl_common::ConnRecord;
@@ -12,7 +20,7 @@ use wl_common::ConnRecord;
 use super::cgroup::{cgroup_of_pid, unit_of_cgroup, CgroupNames};
 
 /// The agent behind one connection.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct AgentIdentity {
     /// Process id (tgid).
     pub pid: u32,
@@ -41,16 +49,50 @@ pub struct AgentIdentity {
 pub struct IdentityResolver {
     cgroups: CgroupNames,
     users: Mutex<HashMap<u32, Option<String>>>,
+    shared: Mutex<Interned>,
+}
+
+/// The identities in use, each once. Entries whose last holder has gone are swept when the
+/// map has doubled since the last sweep, so it stays within twice the identities in use.
+#[derive(Debug, Default)]
+struct Interned {
+    map: HashMap<AgentIdentity, Weak<AgentIdentity>>,
+    sweep_at: usize,
+}
+
+/// The map's size below which it is never swept.
+const INTERNED_SWEEP_MIN: usize = 256;
+
+impl Interned {
+    fn share(&mut self, identity: AgentIdentity) -> Arc<AgentIdentity> {
+        if let Some(existing) = self.map.get(&identity).and_then(Weak::upgrade) {
+            return existing;
+        }
+        if self.map.len() >= self.sweep_at.max(INTERNED_SWEEP_MIN) {
+            self.map.retain(|_, held| held.strong_count() > 0);
+            self.sweep_at = self.map.len() * 2;
+        }
+        let shared = Arc::new(identity.clone());
+        self.map.insert(identity, Arc::downgrade(&shared));
+        shared
+    }
 }
 
 impl IdentityResolver {
     /// A resolver for cgroups under `cgroups`.
     pub fn new(cgroups: CgroupNames) -> Self {
-        Self { cgroups, users: Mutex::new(HashMap::new()) }
+        Self { cgroups, users: Mutex::new(HashMap::new()), shared: Mutex::new(Interned::default()) }
     }
 
-    /// Everything known about the caller of a recorded connection.
-    pub fn resolve(&self, rec: &ConnRecord) -> AgentIdentity {
+    /// Everything known about the caller of a recorded connection, shared with the other
+    /// connections of the same agent thread.
+    pub fn resolve(&self, rec: &ConnRecord) -> Arc<AgentIdentity> {
+        let identity = self.identity_of(rec);
+        self.shared.lock().expect("identity map poisoned").share(identity)
+    }
+
+    /// Everything known about the caller of a recorded connection, looked up afresh.
+    fn identity_of(&self, rec: &ConnRecord) -> AgentIdentity {
         let exe = std::fs::read_link(format!("/proc/{}/exe", rec.pid)).ok().map(|p| p.display().to_string());
         let hint = cgroup_of_pid(rec.pid);
         let cgroup = self.cgroups.path_of(rec.cgroup_id, hint.as_deref());
@@ -78,11 +120,11 @@ impl IdentityResolver {
         &self,
         peer: std::net::SocketAddr,
         local: std::net::SocketAddr,
-    ) -> Option<AgentIdentity> {
+    ) -> Option<Arc<AgentIdentity>> {
         let (uid, inode) = super::sockdiag::lookup(peer, local).or_else(|| find_tcp_socket(peer))?;
         let Some(pid) = find_pid_holding(inode, uid) else {
             // The uid is still worth recording.
-            return Some(AgentIdentity {
+            return Some(Arc::new(AgentIdentity {
                 pid: 0,
                 tid: 0,
                 uid,
@@ -93,7 +135,7 @@ impl IdentityResolver {
                 cgroup: None,
                 cgroup_id: 0,
                 unit: None,
-            });
+            }));
         };
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
         let gid = status
@@ -202,6 +244,51 @@ mod tests {
         let (uid, inode) = find_tcp_socket(c.local_addr().unwrap()).expect("socket listed");
         assert_eq!(uid, nix::unistd::getuid().as_raw());
         assert!(inode > 0);
+    }
+
+    fn identity(pid: u32) -> AgentIdentity {
+        AgentIdentity {
+            pid,
+            tid: pid,
+            uid: 1000,
+            gid: 1000,
+            user: Some("agent".into()),
+            comm: "python3".into(),
+            exe: Some("/usr/bin/python3".into()),
+            cgroup: Some("/agents.slice/bot.service".into()),
+            cgroup_id: 7,
+            unit: Some("bot.service".into()),
+        }
+    }
+
+    #[test]
+    fn connections_of_one_agent_share_its_identity() {
+        let mut interned = Interned::default();
+        let a = interned.share(identity(10));
+        let again = interned.share(identity(10));
+        assert!(Arc::ptr_eq(&a, &again));
+        let other = interned.share(identity(11));
+        assert!(!Arc::ptr_eq(&a, &other));
+        assert_eq!(*other, identity(11));
+        // Once its last holder is gone, an identity is made afresh (not resurrected).
+        drop((a, again));
+        let fresh = interned.share(identity(10));
+        assert_eq!(Arc::strong_count(&fresh), 1);
+    }
+
+    #[test]
+    fn identities_no_longer_held_are_swept() {
+        let mut interned = Interned::default();
+        let kept: Vec<_> = (0..10).map(|pid| interned.share(identity(pid))).collect();
+        for pid in 100..100 + INTERNED_SWEEP_MIN as u32 * 4 {
+            drop(interned.share(identity(pid)));
+        }
+        // Swept whenever it reached twice its size after the last sweep: never more than
+        // the held identities plus that many again.
+        assert!(interned.map.len() <= INTERNED_SWEEP_MIN + kept.len(), "{}", interned.map.len());
+        for (pid, held) in kept.iter().enumerate() {
+            assert!(Arc::ptr_eq(held, &interned.share(identity(pid as u32))));
+        }
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //! a Rabin-Karp hash under a per-process random base, and a lossy 20-bit keyed tag of the
 //! first eight bytes that makes the scan one cheap pass.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::Arc};
 
 use base64::{
     engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD},
@@ -67,7 +67,7 @@ impl Credentials {
         &self,
         binding: &CredentialConfig,
         headers: &mut HeaderMap,
-        agent: Option<&AgentIdentity>,
+        agent: Option<&Arc<AgentIdentity>>,
         method: &str,
         path: &str,
     ) -> Result<Injected, CredentialError> {

@@ -29,7 +29,7 @@ static LOOKUP_SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(
 
 /// The identity behind a loopback client of an explicit listener (`peer`, accepted on
 /// `local`), looked up off the runtime's threads.
-async fn identify(shared: &Arc<Shared>, peer: SocketAddr, local: SocketAddr) -> Option<AgentIdentity> {
+async fn identify(shared: &Arc<Shared>, peer: SocketAddr, local: SocketAddr) -> Option<Arc<AgentIdentity>> {
     let _slot = LOOKUP_SLOTS.acquire().await.expect("the look-up semaphore is never closed");
     let shared = shared.clone();
     match tokio::task::spawn_blocking(move || shared.identities.resolve_tcp_peer(peer, local)).await {
@@ -59,13 +59,15 @@ pub async fn serve_reverse(
     stop_conns: CancellationToken,
 ) {
     let cfg = Arc::new(cfg);
+    let listener_name: Arc<str> = cfg.listen.to_string().into();
     loop {
         let Some((stream, peer)) = super::accept(&listener, &stop_accept).await else { return };
         let (cfg, shared, stop) = (cfg.clone(), shared.clone(), stop_conns.clone());
+        let listener_name = listener_name.clone();
         tracker.spawn(async move {
             let started = Instant::now();
             let conn_id = shared.next_conn_id();
-            let mut record = ConnectionRecord::new(conn_id, cfg.listen.to_string(), peer);
+            let mut record = ConnectionRecord::new(conn_id, listener_name.clone(), peer);
             record.action = "terminate";
             record.host = Some(cfg.host.clone());
             let local = stream.local_addr().unwrap_or(cfg.listen);
@@ -84,7 +86,7 @@ pub async fn serve_reverse(
 async fn reverse_conn(
     stream: TcpStream,
     cfg: &ReverseConfig,
-    agent: Option<AgentIdentity>,
+    agent: Option<Arc<AgentIdentity>>,
     conn_id: u64,
     shared: &Arc<Shared>,
     record: &mut ConnectionRecord,
@@ -92,8 +94,8 @@ async fn reverse_conn(
     let _ = stream.set_nodelay(true);
     let target = cfg.upstream.clone().unwrap_or_else(|| format!("{}:443", cfg.host));
     let dst = resolve(&target).await?;
-    record.dst = Some(dst.to_string());
-    super::decide_connect(shared, agent.as_ref(), dst, true, Some(cfg.host.clone()), record)?;
+    record.dst = Some(dst);
+    super::decide_connect(shared, agent.as_deref(), dst, true, Some(cfg.host.clone()), record)?;
     // The listener's own names: the SNI the agent sends picks one; without SNI, the first.
     let peeked = crate::tls::hello::peek(
         &stream,
@@ -135,7 +137,7 @@ pub async fn serve_connect(
     stop_accept: CancellationToken,
     stop_conns: CancellationToken,
 ) {
-    let local = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    let local: Arc<str> = listener.local_addr().map(|a| a.to_string()).unwrap_or_default().into();
     loop {
         let Some((stream, peer)) = super::accept(&listener, &stop_accept).await else { return };
         let (shared, stop, local) = (shared.clone(), stop_conns.clone(), local.clone());
@@ -162,7 +164,7 @@ pub async fn serve_connect(
 async fn connect_request(
     mut req: Request<Incoming>,
     peer: SocketAddr,
-    listener: String,
+    listener: Arc<str>,
     shared: Arc<Shared>,
     tracker: TaskTracker,
     stop: CancellationToken,
@@ -189,7 +191,7 @@ async fn connect_request(
         let started = Instant::now();
         let conn_id = shared.next_conn_id();
         let mut record = ConnectionRecord::new(conn_id, listener, peer);
-        record.dst = Some(dst.to_string());
+        record.dst = Some(dst);
         record.host = Some(host.clone());
         // The listener's address is the accepted socket's (listeners are on loopback
         // addresses, never unspecified ones).
@@ -210,7 +212,7 @@ async fn tunnel(
     upgrade: hyper::upgrade::OnUpgrade,
     host: String,
     dst: SocketAddr,
-    agent: Option<AgentIdentity>,
+    agent: Option<Arc<AgentIdentity>>,
     conn_id: u64,
     shared: &Arc<Shared>,
     record: &mut ConnectionRecord,
@@ -218,7 +220,7 @@ async fn tunnel(
     let upgraded = TokioIo::new(upgrade.await.map_err(|e| format!("CONNECT upgrade: {e}"))?);
     super::decide_connect(
         shared,
-        agent.as_ref(),
+        agent.as_deref(),
         dst,
         shared.tls.is_governed(&host),
         Some(host.clone()),

@@ -64,7 +64,7 @@ pub struct ConnContext {
     /// Daemon-local connection number.
     pub conn_id: u64,
     /// Who is calling, when known.
-    pub agent: Option<AgentIdentity>,
+    pub agent: Option<Arc<AgentIdentity>>,
     /// The host this connection is bound to (its SNI, or the reverse listener's API host).
     /// `None` on plain HTTP, where each request's Host names it.
     pub bound_host: Option<String>,
@@ -86,7 +86,7 @@ impl ConnContext {
     /// A context for one connection.
     pub fn new(
         conn_id: u64,
-        agent: Option<AgentIdentity>,
+        agent: Option<Arc<AgentIdentity>>,
         bound_host: Option<String>,
         fixed_host: bool,
         dst: SocketAddr,
@@ -117,7 +117,7 @@ impl ConnContext {
         match &*cached {
             Some((h, e)) if h == host => e.clone(),
             _ => {
-                let e = self.shared.entities.get(self.agent.as_ref(), host);
+                let e = self.shared.entities.get(self.agent.as_deref(), host);
                 *cached = Some((host.to_owned(), e.clone()));
                 e
             }

@@ -153,12 +153,13 @@ pub async fn serve(
     stop_accept: CancellationToken,
     stop_conns: CancellationToken,
 ) {
-    let local = listener.local_addr().ok();
+    // Formatted once: every connection's record shares it.
+    let listener_addr: Arc<str> = listener.local_addr().map(|a| a.to_string()).unwrap_or_default().into();
     loop {
         let Some((stream, peer)) = accept(&listener, &stop_accept).await else { return };
         let shared = shared.clone();
         let stop = stop_conns.clone();
-        let listener_addr = local.map(|a| a.to_string()).unwrap_or_default();
+        let listener_addr = listener_addr.clone();
         tracker.spawn(async move { handle(stream, peer, listener_addr, shared, stop).await });
     }
 }
@@ -183,7 +184,7 @@ pub async fn accept(listener: &TcpListener, stop: &CancellationToken) -> Option<
 async fn handle(
     agent: TcpStream,
     peer: SocketAddr,
-    listener: String,
+    listener: Arc<str>,
     shared: Arc<Shared>,
     stop: CancellationToken,
 ) {
@@ -202,7 +203,7 @@ async fn handle(
         conn_id, %dst, pid = identity.pid, uid = identity.uid, comm = %identity.comm,
         cgroup = identity.cgroup.as_deref().unwrap_or("?"), "intercepted connection"
     );
-    record.dst = Some(dst.to_string());
+    record.dst = Some(dst);
     record.agent = Some(identity.clone());
 
     // Boxed: a connection waiting for its handshake slot keeps only this small future, not
@@ -225,7 +226,7 @@ async fn handle(
 async fn dispatch(
     agent: TcpStream,
     dst: SocketAddr,
-    identity: crate::intercept::identity::AgentIdentity,
+    identity: Arc<crate::intercept::identity::AgentIdentity>,
     conn_id: u64,
     shared: &Arc<Shared>,
     record: &mut ConnectionRecord,
@@ -249,7 +250,7 @@ async fn dispatch(
         Peeked::Tls { sni, .. } => (true, sni.clone()),
         _ => (false, None),
     };
-    if let Err(denied) = decide_connect(shared, Some(&identity), dst, tls, sni, record) {
+    if let Err(denied) = decide_connect(shared, Some(&*identity), dst, tls, sni, record) {
         // Reset, not a clean close: the agent must not mistake it for an empty answer.
         let linger = libc::linger { l_onoff: 1, l_linger: 0 };
         let _ = nix::sys::socket::setsockopt(&agent, nix::sys::socket::sockopt::Linger, &linger);
