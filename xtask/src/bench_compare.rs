@@ -60,6 +60,8 @@ const WL_CONNECT: &str = "127.0.2.4:3128";
 const MITM_LISTEN: &str = "127.0.2.5:8080";
 /// wl's Prometheus endpoint: its gauges are read during the 10,000-connection run.
 const WL_METRICS: &str = "127.0.2.6:9464";
+/// The load generator's version, built from crates.io into the cache.
+const OHA_VERSION: &str = "1.16.0";
 /// `--only` name of the 10,000-connection run.
 const MANY: &str = "many";
 
@@ -136,7 +138,8 @@ fn tools() -> anyhow::Result<(PathBuf, PathBuf)> {
         );
         run_cmd(
             Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-                .args(["install", "oha", "--locked", "--root"])
+                // The version this module parses the JSON output of.
+                .args(["install", "oha", "--version", OHA_VERSION, "--locked", "--root"])
                 .arg(dir.join("oha")),
         )?;
     }
