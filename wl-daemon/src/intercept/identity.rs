@@ -53,7 +53,8 @@ pub struct IdentityResolver {
 }
 
 /// The identities in use, each once. Entries whose last holder has gone are swept when the
-/// map has doubled since the last sweep, so it stays within twice the identities in use.
+/// map has doubled since the last sweep, so it stays within twice the identities in use (or
+/// [`INTERNED_SWEEP_MIN`] entries).
 #[derive(Debug, Default)]
 struct Interned {
     map: HashMap<AgentIdentity, Weak<AgentIdentity>>,

@@ -67,7 +67,7 @@ pub async fn serve_reverse(
         tracker.spawn(async move {
             let started = Instant::now();
             let conn_id = shared.next_conn_id();
-            let mut record = ConnectionRecord::new(conn_id, listener_name.clone(), peer);
+            let mut record = ConnectionRecord::new(conn_id, listener_name, peer);
             record.action = "terminate";
             record.host = Some(cfg.host.clone());
             let local = stream.local_addr().unwrap_or(cfg.listen);
