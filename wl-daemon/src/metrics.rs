@@ -58,14 +58,16 @@ impl Histogram {
     }
 }
 
-/// A request's labels: host, decision, mode, status class.
-type RequestLabels = (String, &'static str, &'static str, &'static str);
+/// A request's labels after its host: decision, mode, status class.
+type OutcomeLabels = (&'static str, &'static str, &'static str);
 
 /// Everything wl counts.
 #[derive(Debug, Default)]
 pub struct Metrics {
-    /// Requests by (host, decision, mode, status class).
-    requests: Mutex<BTreeMap<RequestLabels, u64>>,
+    /// Requests by host, then by (decision, mode, status class). Keyed by host first so
+    /// that counting a request looks its host up by `&str` and allocates nothing once the
+    /// host has been seen.
+    requests: Mutex<BTreeMap<String, BTreeMap<OutcomeLabels, u64>>>,
     /// Connections by what wl did with them.
     connections: Mutex<BTreeMap<&'static str, u64>>,
     /// Time to decide a request (Cedar).
@@ -155,7 +157,13 @@ impl Metrics {
             400..=499 => "4xx",
             _ => "5xx",
         };
-        bump(&self.requests, (host.to_owned(), decision.unwrap_or("none"), mode.unwrap_or("none"), class));
+        let outcome = (decision.unwrap_or("none"), mode.unwrap_or("none"), class);
+        let mut requests = self.requests.lock().expect("metrics poisoned");
+        let by_outcome = match requests.get_mut(host) {
+            Some(by_outcome) => by_outcome,
+            None => requests.entry(host.to_owned()).or_default(),
+        };
+        *by_outcome.entry(outcome).or_insert(0) += 1;
     }
 
     /// A finished connection.
@@ -176,8 +184,10 @@ impl Metrics {
     /// Requests so far by decision (for `wlctl status`).
     pub fn requests_by_decision(&self) -> BTreeMap<&'static str, u64> {
         let mut out = BTreeMap::new();
-        for ((_, decision, _, _), n) in self.requests.lock().expect("metrics poisoned").iter() {
-            *out.entry(*decision).or_insert(0) += n;
+        for by_outcome in self.requests.lock().expect("metrics poisoned").values() {
+            for ((decision, _, _), n) in by_outcome {
+                *out.entry(*decision).or_insert(0) += n;
+            }
         }
         out
     }
@@ -194,12 +204,14 @@ impl Metrics {
             "counter",
             "HTTP requests, by host, policy decision, mode and status class.",
         );
-        for ((host, decision, mode, class), n) in self.requests.lock().expect("metrics poisoned").iter() {
-            let _ = writeln!(
-                out,
-                "wl_requests_total{{host=\"{}\",decision=\"{decision}\",mode=\"{mode}\",status=\"{class}\"}} {n}",
-                label(host)
-            );
+        for (host, by_outcome) in self.requests.lock().expect("metrics poisoned").iter() {
+            let host = label(host);
+            for ((decision, mode, class), n) in by_outcome {
+                let _ = writeln!(
+                    out,
+                    "wl_requests_total{{host=\"{host}\",decision=\"{decision}\",mode=\"{mode}\",status=\"{class}\"}} {n}"
+                );
+            }
         }
         family(
             &mut out,
@@ -353,5 +365,31 @@ pub async fn serve(listener: tokio::net::TcpListener) {
             let _ =
                 http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(stream), service).await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_counted_by_host_and_outcome() {
+        let m = Metrics::default();
+        m.request("api.openai.com", Some("allow"), Some("observe"), 200);
+        m.request("api.openai.com", Some("allow"), Some("observe"), 204);
+        m.request("api.openai.com", Some("deny"), Some("enforce"), 403);
+        m.request("a\"b", None, None, 0);
+        let text = m.render();
+        assert!(text.contains(
+            "wl_requests_total{host=\"api.openai.com\",decision=\"allow\",mode=\"observe\",status=\"2xx\"} 2\n"
+        ));
+        assert!(text.contains(
+            "wl_requests_total{host=\"api.openai.com\",decision=\"deny\",mode=\"enforce\",status=\"4xx\"} 1\n"
+        ));
+        assert!(text.contains(
+            "wl_requests_total{host=\"a\\\"b\",decision=\"none\",mode=\"none\",status=\"none\"} 1\n"
+        ));
+        let by_decision = m.requests_by_decision();
+        assert_eq!((by_decision["allow"], by_decision["deny"], by_decision["none"]), (2, 1, 1));
     }
 }

@@ -51,8 +51,8 @@ pub fn request_record(i: u64, mode: Mode) -> AuditRecord {
         bytes_up: 312,
         bytes_down: 1210,
         duration_ms: 3,
-        proto_agent: "HTTP/1.1".into(),
-        proto_upstream: Some("HTTP/1.1".into()),
+        proto_agent: "HTTP/1.1",
+        proto_upstream: Some("HTTP/1.1"),
         policy: PolicyOutcome {
             decision: Some("allow"),
             mode: Some(mode),

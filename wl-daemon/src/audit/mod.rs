@@ -171,9 +171,9 @@ pub struct RequestRecord {
     /// Milliseconds from request head to the end of the response.
     pub duration_ms: u64,
     /// HTTP version on the agent's side.
-    pub proto_agent: String,
+    pub proto_agent: &'static str,
     /// HTTP version on the upstream side, when it was reached.
-    pub proto_upstream: Option<String>,
+    pub proto_upstream: Option<&'static str>,
     /// The `Request` decision.
     #[serde(flatten)]
     pub policy: PolicyOutcome,

@@ -5,6 +5,7 @@
 use std::net::IpAddr;
 
 use cedar_policy::RestrictedExpression;
+use hyper::header::{self, HeaderName};
 use serde_json::{json, Map, Value};
 
 /// Facts for `Connect`.
@@ -58,14 +59,15 @@ impl ConnectFacts {
 #[derive(Clone, Debug, Default)]
 pub struct HeaderFacts(pub Vec<(&'static str, String)>);
 
-/// The headers policy may read: (HTTP name, context name).
-pub const POLICY_HEADERS: [(&str, &str); 6] = [
-    ("user-agent", "user_agent"),
-    ("content-type", "content_type"),
-    ("openai-organization", "openai_organization"),
-    ("openai-project", "openai_project"),
-    ("anthropic-version", "anthropic_version"),
-    ("anthropic-beta", "anthropic_beta"),
+/// The headers policy may read: (HTTP name, context name). Names, not strings: looking a
+/// header up by `&str` parses the name on every request.
+pub static POLICY_HEADERS: [(HeaderName, &str); 6] = [
+    (header::USER_AGENT, "user_agent"),
+    (header::CONTENT_TYPE, "content_type"),
+    (HeaderName::from_static("openai-organization"), "openai_organization"),
+    (HeaderName::from_static("openai-project"), "openai_project"),
+    (HeaderName::from_static("anthropic-version"), "anthropic_version"),
+    (HeaderName::from_static("anthropic-beta"), "anthropic_beta"),
 ];
 
 impl HeaderFacts {
@@ -75,7 +77,7 @@ impl HeaderFacts {
             POLICY_HEADERS
                 .iter()
                 .filter_map(|(name, key)| {
-                    h.get(*name).and_then(|v| v.to_str().ok()).map(|v| (*key, v.to_owned()))
+                    h.get(name).and_then(|v| v.to_str().ok()).map(|v| (*key, v.to_owned()))
                 })
                 .collect(),
         )

@@ -24,6 +24,7 @@ use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::{
     body::{Body, Frame, Incoming, SizeHint},
     header::{self, HeaderMap, HeaderName, HeaderValue},
+    http::uri::{Authority, PathAndQuery},
     service::service_fn,
     Request, Response, StatusCode, Uri, Version,
 };
@@ -216,7 +217,7 @@ async fn handle(mut req: Request<Incoming>, ctx: Arc<ConnContext>) -> Response<P
         bytes_up: 0,
         bytes_down: 0,
         duration_ms: 0,
-        proto_agent: format!("{:?}", req.version()),
+        proto_agent: version_name(req.version()),
         proto_upstream: None,
         policy: Default::default(),
         secret: None,
@@ -268,13 +269,7 @@ async fn handle(mut req: Request<Incoming>, ctx: Arc<ConnContext>) -> Response<P
 
     // Build the upstream request.
     let port = ctx.dst.port();
-    let (scheme, default_port) = match ctx.scheme {
-        Scheme::Https => ("https", 443),
-        Scheme::Http => ("http", 80),
-    };
-    let authority = if port == default_port { host.clone() } else { format!("{host}:{port}") };
-    let path = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    let uri: Uri = match format!("{scheme}://{authority}{path}").parse() {
+    let uri = match upstream_uri(ctx.scheme, &host, port, req.uri()) {
         Ok(u) => u,
         Err(e) => {
             discard_rest(req.into_body()).await;
@@ -423,7 +418,7 @@ async fn handle(mut req: Request<Incoming>, ctx: Arc<ConnContext>) -> Response<P
         }
     };
     record.status = resp.status().as_u16();
-    record.proto_upstream = Some(format!("{:?}", resp.version()));
+    record.proto_upstream = Some(version_name(resp.version()));
 
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(agent_upgrade) = agent_upgrade {
@@ -481,6 +476,29 @@ async fn handle(mut req: Request<Incoming>, ctx: Arc<ConnContext>) -> Response<P
     }
     let body = Audited::new(body, ctx.shared.audit.clone(), record, started, up_counter);
     Response::from_parts(parts, body.boxed())
+}
+
+/// The upstream request's target: the scheme of the connection, the host it is bound to (and
+/// the port when not the scheme's default), and the agent's path and query as they came
+/// (shared, not parsed again).
+fn upstream_uri(scheme: Scheme, host: &str, port: u16, agent_uri: &Uri) -> Result<Uri, String> {
+    let (scheme, default_port) = match scheme {
+        Scheme::Https => (hyper::http::uri::Scheme::HTTPS, 443),
+        Scheme::Http => (hyper::http::uri::Scheme::HTTP, 80),
+    };
+    // An IPv6 literal (`normalize_host` leaves it bare) goes back in brackets.
+    let authority = match (port == default_port, host.contains(':')) {
+        (true, false) => Authority::try_from(host),
+        (true, true) => Authority::try_from(format!("[{host}]")),
+        (false, false) => Authority::try_from(format!("{host}:{port}")),
+        (false, true) => Authority::try_from(format!("[{host}]:{port}")),
+    };
+    let mut parts = hyper::http::uri::Parts::default();
+    parts.scheme = Some(scheme);
+    parts.authority = Some(authority.map_err(|e| e.to_string())?);
+    parts.path_and_query =
+        Some(agent_uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/")));
+    Uri::from_parts(parts).map_err(|e| e.to_string())
 }
 
 /// A request ready to go upstream.
@@ -576,6 +594,18 @@ fn full_body(bytes: Bytes) -> UpstreamBody {
     Full::new(bytes).map_err(|never| match never {}).boxed()
 }
 
+/// An HTTP version as the audit record names it (as `Version`'s `Debug` does).
+fn version_name(version: Version) -> &'static str {
+    match version {
+        Version::HTTP_09 => "HTTP/0.9",
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_11 => "HTTP/1.1",
+        Version::HTTP_2 => "HTTP/2.0",
+        Version::HTTP_3 => "HTTP/3.0",
+        _ => "unknown",
+    }
+}
+
 /// Adds a finished request to the metrics.
 fn count_request(record: &RequestRecord, started: Instant) {
     let mode = record.policy.mode.map(|m| match m {
@@ -608,29 +638,36 @@ fn is_upgrade(headers: &HeaderMap) -> bool {
             .any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade"))))
 }
 
+/// Headers that always describe one hop (RFC 9110 §7.6.1, and the proxy headers), besides
+/// `Connection`, `Upgrade` and what `Connection` lists.
+static HOP_BY_HOP: [HeaderName; 7] = [
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
 /// Removes headers that describe one hop, not the message (RFC 9110 §7.6.1); for an
-/// upgrade, `Connection: upgrade` and `Upgrade` are kept.
+/// upgrade, `Connection: upgrade` and `Upgrade` are kept. Runs twice per request, so it
+/// looks headers up by name, not by string, and allocates only for what `Connection` lists.
 fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    let listed: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|s| s.split(',').map(|t| t.trim().to_ascii_lowercase()))
-        .filter(|t| !(keep_upgrade && t == "upgrade"))
-        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-        .collect();
-    for name in listed {
-        headers.remove(name);
+    if headers.contains_key(header::CONNECTION) {
+        let listed: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|s| s.split(',').map(|t| t.trim().to_ascii_lowercase()))
+            .filter(|t| !(keep_upgrade && t == "upgrade"))
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .collect();
+        for name in listed {
+            headers.remove(name);
+        }
     }
-    for name in [
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-    ] {
+    for name in &HOP_BY_HOP {
         headers.remove(name);
     }
     if keep_upgrade {
@@ -960,6 +997,34 @@ mod tests {
     }
 
     #[test]
+    fn upstream_targets_keep_the_agents_path_and_query() {
+        let target = |scheme, host, port, agent: &str| {
+            upstream_uri(scheme, host, port, &agent.parse().unwrap()).map(|u| u.to_string())
+        };
+        assert_eq!(
+            target(Scheme::Https, "api.openai.com", 443, "/v1/models?limit=2").unwrap(),
+            "https://api.openai.com/v1/models?limit=2"
+        );
+        assert_eq!(target(Scheme::Https, "api.test", 8443, "/a").unwrap(), "https://api.test:8443/a");
+        assert_eq!(target(Scheme::Http, "api.test", 80, "/").unwrap(), "http://api.test/");
+        assert_eq!(
+            target(Scheme::Http, "api.test", 80, "http://other.test/x?y").unwrap(),
+            "http://api.test/x?y",
+            "an absolute-form target keeps only its path and query"
+        );
+        assert_eq!(target(Scheme::Http, "::1", 8080, "/p").unwrap(), "http://[::1]:8080/p");
+        assert_eq!(target(Scheme::Https, "::1", 443, "/p").unwrap(), "https://[::1]/p");
+        assert!(target(Scheme::Https, "bad host", 443, "/").is_err());
+    }
+
+    #[test]
+    fn versions_are_named_as_before() {
+        for v in [Version::HTTP_09, Version::HTTP_10, Version::HTTP_11, Version::HTTP_2, Version::HTTP_3] {
+            assert_eq!(version_name(v), format!("{v:?}"));
+        }
+    }
+
+    #[test]
     fn hop_by_hop_headers_go() {
         let mut h = HeaderMap::new();
         h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret-hop"));
@@ -967,8 +1032,28 @@ mod tests {
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
+        h.insert(header::PROXY_AUTHORIZATION, HeaderValue::from_static("Basic eDp5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
         strip_hop_by_hop(&mut h, false);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key(header::CONTENT_TYPE));
+    }
+
+    #[test]
+    fn upgrades_keep_their_connection_header() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade, x-hop"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert("x-hop", HeaderValue::from_static("1"));
+        h.insert(header::TRAILER, HeaderValue::from_static("x-sum"));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h.get(header::CONNECTION).unwrap(), "upgrade");
+        assert_eq!(h.get(header::UPGRADE).unwrap(), "websocket");
+        assert!(!h.contains_key("x-hop") && !h.contains_key(header::TRAILER));
+        let mut plain = HeaderMap::new();
+        plain.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        strip_hop_by_hop(&mut plain, false);
+        assert!(plain.is_empty(), "without an upgrade, Upgrade goes too");
     }
 }
