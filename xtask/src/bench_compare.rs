@@ -230,6 +230,45 @@ fn reset_peak_rss(pids: &[u32]) {
     }
 }
 
+/// Which runs raised wl's peak resident memory. The peak is one number over the whole
+/// comparison (every wl system shares the daemon); this says which load set it, so that an
+/// unusual peak can be traced to a system and a kind of run.
+#[derive(Default)]
+struct PeakRises {
+    /// The peak after the previous run, MiB.
+    last: f64,
+    /// (rise in MiB, the run that caused it), for every rise of at least half a MiB.
+    rises: Vec<(f64, String)>,
+}
+
+impl PeakRises {
+    fn new(pids: &[u32]) -> Self {
+        Self { last: peak_rss_mib(pids), rises: Vec::new() }
+    }
+
+    /// Called after each run that went through wl: notes whether the peak rose during it.
+    fn after(&mut self, pids: &[u32], run: impl FnOnce() -> String) {
+        let now = peak_rss_mib(pids);
+        if now >= self.last + 0.5 {
+            self.rises.push((now - self.last, run()));
+        }
+        self.last = self.last.max(now);
+    }
+
+    /// The runs that raised the peak most, largest first.
+    fn largest(&self, n: usize) -> String {
+        let mut rises = self.rises.clone();
+        rises.sort_by(|a, b| b.0.total_cmp(&a.0));
+        let named: Vec<String> =
+            rises.iter().take(n).map(|(mib, run)| format!("+{mib:.1} MiB in {run}")).collect();
+        if named.is_empty() {
+            "no run raised it by half a MiB or more".into()
+        } else {
+            named.join(", ")
+        }
+    }
+}
+
 /// Parses oha's JSON output.
 fn parse_oha(text: &str) -> anyhow::Result<Load> {
     let v: serde_json::Value = serde_json::from_str(text).context("oha's JSON output")?;
@@ -423,6 +462,9 @@ fn measure(
     for which in ["nginx", "wl+broker", "mitmproxy"] {
         reset_peak_rss(&pid_of(which));
     }
+    let wl_pids = pid_of("wl");
+    let mut wl_peak = PeakRises::new(&wl_pids);
+    let through_wl = |system: &System| system.proxy.is_some_and(|p| p.starts_with("wl"));
 
     let sse_url = |s: &System| format!("https://{}/v1/sse", s.host);
     let mut samples: Vec<Samples> = SYSTEMS.iter().map(|_| Samples::default()).collect();
@@ -450,11 +492,20 @@ fn measure(
             if system.proxy.is_some() {
                 samples[i].cpu_us_per_request.push((cpu_after - cpu_before) / load.requests);
             }
+            if through_wl(system) {
+                wl_peak
+                    .after(&wl_pids, || format!("{}'s keep-alive run of round {}", system.name, round + 1));
+            }
         }
         for (args, runs_of) in single {
             for &i in &order {
                 let load = oha_run(oha, &prefixes[i], &SYSTEMS[i], &format!("-z {SHORT_SECONDS}s {args}"))?;
                 runs_of(&mut samples[i]).push(load);
+                if through_wl(&SYSTEMS[i]) {
+                    wl_peak.after(&wl_pids, || {
+                        format!("{}'s `{args}` run of round {}", SYSTEMS[i].name, round + 1)
+                    });
+                }
             }
         }
         for &i in &order {
@@ -473,6 +524,9 @@ fn measure(
                 )?;
                 samples[i].sse_ms.push(t.trim().parse::<f64>().context("curl's time")? * 1000.0);
             }
+            if through_wl(system) {
+                wl_peak.after(&wl_pids, || format!("{}'s SSE runs of round {}", system.name, round + 1));
+            }
         }
     }
     let mut rss: BTreeMap<&str, f64> = ["nginx", "wl", "wl+broker", "mitmproxy"]
@@ -480,6 +534,8 @@ fn measure(
         .map(|w| (w, peak_rss_mib(&pid_of(w))))
         .collect();
     rss.insert("wl start-up", startup_wl);
+    let peak_note = wl_peak.largest(3);
+    eprintln!("xtask bench compare: wl's peak RSS under load rose most in: {peak_note}");
 
     if !only.is_empty() {
         print_focused(&samples, &rss, only);
@@ -519,7 +575,7 @@ fn measure(
         println!("wl with {MANY_CONNECTIONS} open keep-alive connections: peak RSS {rss_many:.1} MiB ({many_note})");
         return Ok(None);
     }
-    Ok(Some(report(&samples, &rss, rss_many, &many_note, oha)))
+    Ok(Some(report(&samples, &rss, &peak_note, rss_many, &many_note, oha)))
 }
 
 /// The highest values of wl's gauges seen during a run.
@@ -652,6 +708,7 @@ fn cpu(s: &Samples, round: usize) -> f64 {
 fn report(
     samples: &[Samples],
     rss: &BTreeMap<&str, f64>,
+    peak_note: &str,
     rss_many: f64,
     many_note: &str,
     oha: &Path,
@@ -764,7 +821,7 @@ fn report(
     );
     let _ = write!(
         s,
-        "Peak RSS under load: nginx {:.1} MiB, wl {:.1} MiB (broker {:.1} MiB more), mitmproxy {:.1} MiB. wl with {MANY_CONNECTIONS} open keep-alive connections: {rss_many:.1} MiB ({many_note}). wl's start-up peak, before any load: {:.1} MiB (aya parses the kernel's BTF while loading the eBPF programs; freed and returned once running).\n\n",
+        "Peak RSS under load: nginx {:.1} MiB, wl {:.1} MiB (broker {:.1} MiB more), mitmproxy {:.1} MiB. wl's peak rose most in these runs: {peak_note}. wl with {MANY_CONNECTIONS} open keep-alive connections: {rss_many:.1} MiB ({many_note}). wl's start-up peak, before any load: {:.1} MiB (aya parses the kernel's BTF while loading the eBPF programs; freed and returned once running).\n\n",
         rss["nginx"],
         rss["wl"],
         rss["wl+broker"] - rss["wl"],
@@ -950,6 +1007,27 @@ fn svg(all: &[Summary]) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_largest_rises_of_the_peak_are_named_largest_first() {
+        let mut peak = super::PeakRises::new(&[std::process::id()]);
+        assert!(peak.last > 0.0, "this process has a peak of its own");
+        assert_eq!(peak.largest(3), "no run raised it by half a MiB or more");
+        // A run that touches 64 MiB more than the peak so far raises it by about that much.
+        let before = peak.last;
+        let ballast = vec![1u8; 64 << 20];
+        peak.after(&[std::process::id()], || "the ballast run".into());
+        assert!(ballast.iter().step_by(4096).all(|&b| b == 1));
+        assert!(peak.last >= before + 60.0, "{} then {}", before, peak.last);
+        peak.rises.push((2.0, "a small run".into()));
+        peak.rises.push((0.6, "a smaller run".into()));
+        let named = peak.largest(2);
+        assert!(
+            named.starts_with("+6") && named.contains("MiB in the ballast run, +2.0 MiB in a small run"),
+            "{named}"
+        );
+        assert!(!named.contains("smaller"));
+    }
+
     #[test]
     fn a_disturbed_round_moves_the_trimmed_mean_little() {
         let steady = vec![1.0, 1.1, 0.9, 1.0, 1.05, 0.95];
