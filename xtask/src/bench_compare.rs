@@ -233,7 +233,6 @@ fn reset_peak_rss(pids: &[u32]) {
 /// Which runs raised wl's peak resident memory. The peak is one number over the whole
 /// comparison (every wl system shares the daemon); this says which load set it, so that an
 /// unusual peak can be traced to a system and a kind of run.
-#[derive(Default)]
 struct PeakRises {
     /// The peak after the previous run, MiB.
     last: f64,

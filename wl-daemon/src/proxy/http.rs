@@ -654,18 +654,17 @@ static HOP_BY_HOP: [HeaderName; 7] = [
 /// upgrade, `Connection: upgrade` and `Upgrade` are kept. Runs twice per request, so it
 /// looks headers up by name, not by string, and allocates only for what `Connection` lists.
 fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    if headers.contains_key(header::CONNECTION) {
-        let listed: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|s| s.split(',').map(|t| t.trim().to_ascii_lowercase()))
-            .filter(|t| !(keep_upgrade && t == "upgrade"))
-            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-            .collect();
-        for name in listed {
-            headers.remove(name);
-        }
+    // `HeaderName::from_bytes` lowercases; an empty list allocates nothing.
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|s| s.split(',').map(str::trim))
+        .filter(|t| !(keep_upgrade && t.eq_ignore_ascii_case("upgrade")))
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+        .collect();
+    for name in listed {
+        headers.remove(name);
     }
     for name in &HOP_BY_HOP {
         headers.remove(name);
@@ -1038,6 +1037,16 @@ mod tests {
         strip_hop_by_hop(&mut h, false);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key(header::CONTENT_TYPE));
+    }
+
+    #[test]
+    fn headers_listed_in_connection_go_whatever_their_case() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("X-Secret-Hop ,  KEEP-ALIVE"));
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.keys().collect::<Vec<_>>(), [header::ACCEPT]);
     }
 
     #[test]
