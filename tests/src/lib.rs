@@ -145,6 +145,8 @@ pub struct DaemonConfig {
     pub fail: &'static str,
     /// `intercept.exclude`.
     pub exclude: Vec<String>,
+    /// `intercept.kernel_relay`.
+    pub kernel_relay: bool,
     /// Extra lines inside `[policy]`.
     pub policy: String,
     /// `audit.path`, when not the home's `audit.jsonl`.
@@ -166,6 +168,7 @@ impl DaemonConfig {
             block_quic: true,
             fail: "open",
             exclude: Vec::new(),
+            kernel_relay: true,
             policy: String::new(),
             audit_path: None,
             broker: String::new(),
@@ -177,7 +180,7 @@ impl DaemonConfig {
         let list = |v: &[String]| v.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ");
         format!(
             "mode = {mode:?}\nstate_dir = {state:?}\nadmin_socket = {admin:?}\n\n[intercept]\ncgroups = [{cgroups}]\nports = [{ports}]\n\
-             listen = [{listen}]\nexclude = [{exclude}]\nblock_quic = {quic}\nfail = {fail:?}\npin_dir = {pin:?}\n\n\
+             listen = [{listen}]\nexclude = [{exclude}]\nblock_quic = {quic}\nfail = {fail:?}\npin_dir = {pin:?}\nkernel_relay = {relay}\n\n\
              [audit]\npath = {audit:?}\n\n[broker]\n{broker_socket}state_dir = {broker_state:?}\naudit = {broker_audit:?}\n\
              policy_dir = {broker_policies:?}\n{broker}\n\n[policy]\ndir = {policies:?}\n{policy}\n{extra}\n",
             mode = self.mode,
@@ -188,6 +191,7 @@ impl DaemonConfig {
             listen = list(&self.listen),
             exclude = list(&self.exclude),
             quic = self.block_quic,
+            relay = self.kernel_relay,
             fail = self.fail,
             pin = pin_dir.display().to_string(),
             audit = self.audit_path.clone().unwrap_or_else(|| dir.join("audit.jsonl")).display().to_string(),

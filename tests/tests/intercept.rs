@@ -81,6 +81,56 @@ fn agents_in_the_cgroup_are_redirected_spliced_and_audited() {
     daemon.stop_ok();
 }
 
+/// The kernel relay (`intercept.kernel_relay`, on by default) takes over the agent's half
+/// of a spliced connection without reordering or losing a byte: the agent uploads 24 MiB in
+/// writes of varying size to an echo upstream, and the echo that comes back through the
+/// daemon must match it byte for byte. Once after a short exchange (so the relay must carry
+/// the whole upload), then starting before the upstream's banner (the switch happens while
+/// bytes are in flight, whenever the daemon catches up), also with a non-blocking agent
+/// (which must see "would block" when the upstream socket is full, never an error or a
+/// loss) and with sendfile(2); and all of it with the relay off as the control.
+#[test]
+fn spliced_uploads_move_into_the_kernel_relay_in_order() {
+    const BYTES: u64 = 24 << 20;
+    let cg = TestCgroup::new("relay");
+    let home = DaemonHome::new();
+    let dir = home.dir.path();
+    let echo = Upstream::tcp(dir, "127.0.0.2", 0);
+    let port = echo.addr.port().to_string();
+    let dst = echo.addr.to_string();
+    let size = BYTES.to_string();
+
+    for relay in [true, false] {
+        let mut cfg = DaemonConfig::new(&cg, &[echo.addr.port()]);
+        cfg.kernel_relay = relay;
+        let daemon = Daemon::start(&home, &cfg);
+        for mode in [&["--hello"][..], &[][..], &["--nonblocking"][..], &["--sendfile"][..]] {
+            let mut args = vec!["127.0.0.2", port.as_str(), size.as_str()];
+            args.extend_from_slice(mode);
+            let out = python_json(Some(&cg), "stream_client.py", &args);
+            let sent = out["sent"].as_u64().unwrap();
+            assert_eq!(out["banner_ok"], true, "relay {relay} {mode:?}: {out}");
+            assert_eq!(out["echoed"].as_u64(), Some(sent), "relay {relay} {mode:?}: {out}");
+            assert_eq!(out["in_order"], true, "relay {relay} {mode:?}: the echo differs: {out}");
+            let pid = out["pid"].clone();
+            let rec = home.wait_audit(&format!("the upload (relay {relay}, {mode:?})"), |r| {
+                dst_is(r, &dst) && r["agent"]["pid"] == pid
+            });
+            assert_eq!(rec["action"], "splice", "{rec}");
+            assert_eq!(rec["bytes_up"].as_u64(), Some(sent), "{rec}");
+            let kernel = rec["bytes_up_kernel"].as_u64().unwrap();
+            match (relay, mode) {
+                // After the exchange the daemon has forwarded everything and said so: the
+                // upload's first send already goes straight to the upstream.
+                (true, ["--hello"]) => assert_eq!(kernel, BYTES, "{rec}\n{}", daemon.log_text()),
+                (true, _) => assert!(kernel <= BYTES, "{rec}"),
+                (false, _) => assert_eq!(kernel, 0, "{rec}"),
+            }
+        }
+        daemon.stop_ok();
+    }
+}
+
 #[test]
 fn non_intercepted_ports_are_untouched() {
     let cg = TestCgroup::new("ports");

@@ -373,6 +373,10 @@ pub struct InterceptConfig {
     /// bpffs directory where programs and maps are pinned with `fail = "closed"`.
     #[serde(default = "default_pin_dir")]
     pub pin_dir: PathBuf,
+    /// Relay the agent-to-upstream bytes of spliced connections inside the kernel
+    /// (`intercept/relay.rs`) rather than through the daemon.
+    #[serde(default = "default_true")]
+    pub kernel_relay: bool,
 }
 
 /// `[audit]`: where records go.
@@ -447,6 +451,7 @@ impl Default for InterceptConfig {
             exempt_cgroups: Vec::new(),
             server_first_after: default_server_first_after(),
             pin_dir: default_pin_dir(),
+            kernel_relay: true,
         }
     }
 }

@@ -15,18 +15,19 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    bindings::{bpf_pidns_info, bpf_sock_addr, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB},
+    bindings::{bpf_pidns_info, bpf_sock_addr, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB},
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         bpf_get_ns_current_pid_tgid, bpf_get_socket_cookie,
     },
-    macros::{cgroup_sock_addr, map, sock_ops},
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap},
-    programs::{SockAddrContext, SockOpsContext},
+    macros::{cgroup_sock_addr, map, sk_msg, sock_ops},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, SockHash},
+    programs::{SkMsgContext, SockAddrContext, SockOpsContext},
 };
 use aya_log_ebpf::debug;
 use wl_common::{
-    ConnRecord, PeerKey, Settings, AF_INET, AF_INET6, FLAG_BLOCK_QUIC, FLAG_ENABLED, FLAG_HAS_V4, FLAG_HAS_V6,
+    ConnRecord, PeerKey, RelayState, Settings, AF_INET, AF_INET6, FLAG_BLOCK_QUIC, FLAG_ENABLED, FLAG_HAS_V4,
+    FLAG_HAS_V6, FLAG_KERNEL_RELAY,
 };
 
 /// cgroup/sock_addr verdicts.
@@ -58,6 +59,21 @@ static BY_COOKIE: LruHashMap<u64, ConnRecord> = LruHashMap::with_max_entries(MAX
 
 #[map(name = "WL_BY_PEER")]
 static BY_PEER: LruHashMap<PeerKey, ConnRecord> = LruHashMap::with_max_entries(MAX_RECORDS, 0);
+
+#[map(name = "WL_AGENT_SOCKS")]
+static AGENT_SOCKS: SockHash<u64> = SockHash::with_max_entries(MAX_RECORDS, 0);
+
+#[map(name = "WL_UPSTREAM_SOCKS")]
+static UPSTREAM_SOCKS: SockHash<u64> = SockHash::with_max_entries(MAX_RECORDS, 0);
+
+#[map(name = "WL_RELAY_STATE")]
+static RELAY_STATE: LruHashMap<PeerKey, RelayState> = LruHashMap::with_max_entries(MAX_RECORDS, 0);
+
+#[map(name = "WL_RELAY_FORWARDED")]
+static RELAY_FORWARDED: LruHashMap<u64, u64> = LruHashMap::with_max_entries(MAX_RECORDS, 0);
+
+/// `sk_msg` verdicts.
+const SK_PASS: u32 = 1;
 
 /// A destination in the form every program works with: network-order words, IPv4 in [0].
 #[derive(Clone, Copy)]
@@ -148,9 +164,69 @@ pub fn wl_getpeername6(ctx: SockAddrContext) -> i32 {
 #[sock_ops]
 pub fn wl_sock_ops(ctx: SockOpsContext) -> u32 {
     if ctx.op() == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
-        rekey_by_peer(&ctx);
+        if let Some((cookie, key)) = rekey_by_peer(&ctx) {
+            if settings().is_some_and(|s| s.flags & FLAG_KERNEL_RELAY != 0) {
+                // Only intercepted connections (those with a record) join the relay, with
+                // a fresh state (replacing any an earlier socket of the same address left)
+                // before their first send. A failed insert leaves the connection on the
+                // daemon's path, which works.
+                let fresh = RelayState { cookie, ..RelayState::default() };
+                if RELAY_STATE.insert(&key, &fresh, 0).is_ok() {
+                    // SAFETY: the context's own sock_ops pointer, valid for this call.
+                    let _ = AGENT_SOCKS.update(cookie, unsafe { &mut *ctx.ops }, u64::from(BPF_NOEXIST));
+                }
+            }
+        }
     }
     0
+}
+
+/// The kernel relay: runs on every send of an agent socket in `AGENT_SOCKS` (see
+/// [`RelayState`]). Sends go to the daemon until the daemon has a spliced connection's
+/// upstream socket in `UPSTREAM_SOCKS` and has forwarded every byte sent so far; from then
+/// on they go straight into the upstream socket, and the daemon's socket sees only the end
+/// of the stream.
+#[sk_msg]
+pub fn wl_relay_msg(ctx: SkMsgContext) -> u32 {
+    // SAFETY: the context's own message, read only.
+    let msg = unsafe { &*ctx.msg };
+    let key = if msg.family == u32::from(AF_INET) {
+        PeerKey { family: u32::from(AF_INET), port: msg.local_port, addr: [msg.local_ip4, 0, 0, 0] }
+    } else {
+        peer_key_v6(msg.local_port, msg.local_ip6)
+    };
+    let size = u64::from(msg.size);
+    // No state (never created, or aged out of the LRU map): the daemon's path, for good,
+    // since a count that did not start with the first send could switch too early.
+    let Some(state) = RELAY_STATE.get_ptr_mut(&key) else {
+        return SK_PASS;
+    };
+    // SAFETY: a map value, valid while the program runs; sends on one socket run one at
+    // a time, so nothing else writes it meanwhile (the daemon only reads it).
+    let state = unsafe { &mut *state };
+    let mut cookie = state.cookie;
+    if state.switched == 0 {
+        // SAFETY: read only.
+        let forwarded = unsafe { RELAY_FORWARDED.get(&cookie) };
+        if forwarded != Some(&state.passed) {
+            state.passed += size;
+            return SK_PASS;
+        }
+        state.switched = 1;
+    }
+    // SK_DROP (the agent's send fails) only if the upstream socket is gone: the daemon
+    // closes it when the connection has ended.
+    UPSTREAM_SOCKS.redirect_msg(&ctx, &mut cookie, 0) as u32
+}
+
+/// The key of an IPv6 socket's address (IPv4-mapped addresses as IPv4, as everywhere).
+#[inline(always)]
+fn peer_key_v6(port: u32, ip: [u32; 4]) -> PeerKey {
+    if is_v4_mapped(&ip) {
+        PeerKey { family: u32::from(AF_INET), port, addr: [ip[3], 0, 0, 0] }
+    } else {
+        PeerKey { family: u32::from(AF_INET6), port, addr: ip }
+    }
 }
 
 /// The verifier insists that a cgroup/sock_addr program provably returns 0 or 1: spell the
@@ -267,6 +343,7 @@ fn try_connect(ctx: &SockAddrContext, v6: bool, pids: Pids) -> Option<i32> {
         // SAFETY: helper without arguments.
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         comm: bpf_get_current_comm().unwrap_or([0u8; 16]),
+        cookie,
     };
     // No record, no redirect: the daemon could not tell where the connection was going.
     BY_COOKIE.insert(&cookie, &record, 0).ok()?;
@@ -353,25 +430,22 @@ fn try_getpeername(ctx: &SockAddrContext, v6: bool) -> Option<i32> {
 }
 
 /// Copies the record of a redirected connection under the client's local address and port,
-/// the only key the daemon's accepted socket can name.
-fn rekey_by_peer(ctx: &SockOpsContext) -> Option<()> {
+/// the only key the daemon's accepted socket can name, adding the socket's cookie. Returns
+/// the cookie and that key when the connection was redirected.
+fn rekey_by_peer(ctx: &SockOpsContext) -> Option<(u64, PeerKey)> {
     // SAFETY: the cookie helper takes the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut c_void) };
     let record = BY_COOKIE.get_ptr(&cookie)?;
-    let mut key = PeerKey { family: AF_INET as u32, port: ctx.local_port(), addr: [0; 4] };
-    if ctx.family() == AF_INET as u32 {
-        key.addr[0] = ctx.local_ip4();
+    let key = if ctx.family() == AF_INET as u32 {
+        PeerKey { family: AF_INET as u32, port: ctx.local_port(), addr: [ctx.local_ip4(), 0, 0, 0] }
     } else {
-        let ip = ctx.local_ip6();
-        if is_v4_mapped(&ip) {
-            key.addr[0] = ip[3];
-        } else {
-            key.family = AF_INET6 as u32;
-            key.addr = ip;
-        }
-    }
+        peer_key_v6(ctx.local_port(), ctx.local_ip6())
+    };
     // SAFETY: the pointer comes from a successful lookup and is only read.
-    BY_PEER.insert(&key, unsafe { &*record }, 0).ok()
+    let mut record = unsafe { *record };
+    record.cookie = cookie;
+    BY_PEER.insert(&key, &record, 0).ok()?;
+    Some((cookie, key))
 }
 
 #[cfg(not(test))]

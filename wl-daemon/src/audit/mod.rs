@@ -114,6 +114,8 @@ pub struct ConnectionRecord {
     pub bytes_up: u64,
     /// Bytes from the upstream to the agent.
     pub bytes_down: u64,
+    /// Of `bytes_up`, those the kernel relay carried (spliced connections).
+    pub bytes_up_kernel: u64,
     /// Milliseconds from accept to close.
     pub duration_ms: u64,
     /// HTTP requests served on it (terminated and plain HTTP connections).
@@ -138,6 +140,7 @@ impl ConnectionRecord {
             action: "refused",
             bytes_up: 0,
             bytes_down: 0,
+            bytes_up_kernel: 0,
             duration_ms: 0,
             requests: 0,
             policy: PolicyOutcome::default(),

@@ -10,6 +10,7 @@
 
 pub mod cgroup;
 pub mod identity;
+pub mod relay;
 mod sockdiag;
 
 use std::{
@@ -21,14 +22,15 @@ use std::{
 };
 
 use aya::{
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData},
-    programs::{links::FdLink, links::PinnedLink, CgroupAttachMode, CgroupSockAddr, SockOps},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, SockHash},
+    programs::{links::FdLink, links::PinnedLink, CgroupAttachMode, CgroupSockAddr, SkMsg, SockOps},
     Ebpf, EbpfLoader,
 };
 use sha2::{Digest, Sha256};
 use tokio::io::{unix::AsyncFd, Interest};
 use wl_common::{maps, programs, ConnRecord, PeerKey, Settings, AF_INET, AF_INET6};
 
+use self::relay::KernelRelay;
 use crate::config::{FailMode, InterceptConfig};
 
 /// The eBPF object built from `wl-ebpf` by `build.rs`.
@@ -98,6 +100,8 @@ pub struct Interceptor {
     attached: Vec<String>,
     /// False when the records' pids are the host's while the daemon is in a container.
     pids_usable: bool,
+    /// The kernel relay of spliced connections, when configured and the kernel took it.
+    relay: Option<KernelRelay>,
     _ebpf: Ebpf,
 }
 
@@ -177,8 +181,20 @@ impl Interceptor {
             }
         };
 
+        let relay_attached = cfg.kernel_relay
+            && match attach_relay(&mut ebpf) {
+                Ok(()) => true,
+                Err(message) => {
+                    tracing::warn!(
+                        error = %message,
+                        "the kernel relay is not available on this kernel: spliced connections are relayed by the daemon"
+                    );
+                    false
+                }
+            };
         let pidns = own_pid_namespace();
-        write_maps(&mut ebpf, cfg, listeners, &exempt, pidns).map_err(InterceptError::Maps)?;
+        write_maps(&mut ebpf, cfg, listeners, &exempt, pidns, relay_attached)
+            .map_err(InterceptError::Maps)?;
         // In a container, the connect programs that number pids as the daemon does; if the
         // kernel refuses them, the host-pid ones, and records' pids are not used.
         let mut pids_usable = true;
@@ -238,6 +254,11 @@ impl Interceptor {
         let by_peer =
             ebpf.take_map(maps::BY_PEER).ok_or_else(|| InterceptError::Maps("no BY_PEER map".into()))?;
         let by_peer = HashMap::try_from(by_peer).map_err(|e| InterceptError::Maps(chain(&e)))?;
+        let relay = if relay_attached {
+            Some(take_relay_maps(&mut ebpf).map_err(InterceptError::Maps)?)
+        } else {
+            None
+        };
         Ok(Self {
             pinned,
             _owned: owned,
@@ -245,6 +266,7 @@ impl Interceptor {
             logger,
             attached,
             pids_usable,
+            relay,
             _ebpf: ebpf,
         })
     }
@@ -274,6 +296,35 @@ impl Interceptor {
     pub fn pinned_links(&self) -> usize {
         self.pinned.len()
     }
+
+    /// The kernel relay, when it is on.
+    pub fn relay(&self) -> Option<&KernelRelay> {
+        self.relay.as_ref()
+    }
+}
+
+/// Loads the relay's `sk_msg` program and attaches it to the agent socket map.
+fn attach_relay(ebpf: &mut Ebpf) -> Result<(), String> {
+    let map = ebpf.map(maps::AGENT_SOCKS).ok_or("no AGENT_SOCKS map")?;
+    let agents: SockHash<&MapData, u64> = SockHash::try_from(map).map_err(|e| chain(&e))?;
+    let map_fd = agents.fd().try_clone().map_err(|e| e.to_string())?;
+    let prog: &mut SkMsg = ebpf
+        .program_mut(programs::RELAY_MSG)
+        .ok_or("no relay program in the object")?
+        .try_into()
+        .map_err(|e| chain(&e))?;
+    prog.load().map_err(|e| chain(&e))?;
+    prog.attach(&map_fd).map_err(|e| chain(&e))?;
+    Ok(())
+}
+
+fn take_relay_maps(ebpf: &mut Ebpf) -> Result<KernelRelay, String> {
+    let mut take = |name: &str| ebpf.take_map(name).ok_or_else(|| format!("no {name} map"));
+    let agents = SockHash::try_from(take(maps::AGENT_SOCKS)?).map_err(|e| chain(&e))?;
+    let upstreams = SockHash::try_from(take(maps::UPSTREAM_SOCKS)?).map_err(|e| chain(&e))?;
+    let state = HashMap::try_from(take(maps::RELAY_STATE)?).map_err(|e| chain(&e))?;
+    let forwarded = HashMap::try_from(take(maps::RELAY_FORWARDED)?).map_err(|e| chain(&e))?;
+    Ok(KernelRelay::new(agents, upstreams, state, forwarded))
 }
 
 impl Drop for Interceptor {
@@ -344,6 +395,7 @@ fn write_maps(
     listeners: &[SocketAddr],
     exempt: &[u64],
     pidns: Option<(u64, u64)>,
+    kernel_relay: bool,
 ) -> Result<(), String> {
     let mut settings = Settings { daemon_tgid: std::process::id(), ..Default::default() };
     if let Some((dev, ino)) = pidns {
@@ -353,6 +405,9 @@ fn write_maps(
     settings.flags = wl_common::FLAG_ENABLED;
     if cfg.block_quic {
         settings.flags |= wl_common::FLAG_BLOCK_QUIC;
+    }
+    if kernel_relay {
+        settings.flags |= wl_common::FLAG_KERNEL_RELAY;
     }
     for addr in listeners {
         match addr {

@@ -29,7 +29,7 @@ use crate::{
     audit::{AuditLog, AuditRecord, ConnectionRecord},
     config::Mode,
     config::TlsConfig,
-    intercept::{identity::IdentityResolver, original_destination, Interceptor},
+    intercept::{identity::IdentityResolver, original_destination, relay::RelayedConnection, Interceptor},
     policy::{facts::ConnectFacts, EntityCache, PolicyStore},
     tls::{
         hello::{self, Peeked},
@@ -205,12 +205,15 @@ async fn handle(
     );
     record.dst = Some(dst);
     record.agent = Some(identity.clone());
+    // The agent socket is in the kernel relay's map from its connect on (when the relay is
+    // on); the connection's entries go when this does.
+    let relayed = shared.interceptor.relay().map(|r| r.connection(kernel.cookie, peer));
 
     // Boxed: a connection waiting for its handshake slot keeps only this small future, not
     // the space of everything it will do once admitted.
     let admitted = Box::pin(async {
         let slot = shared.admission.enter().await;
-        dispatch(agent, dst, identity, conn_id, &shared, &mut record, slot).await
+        dispatch(agent, dst, identity, conn_id, &shared, &mut record, slot, relayed).await
     });
     let outcome = tokio::select! {
         outcome = admitted => outcome,
@@ -223,6 +226,7 @@ async fn handle(
 }
 
 /// Decides what happens to an intercepted connection from its first bytes.
+#[allow(clippy::too_many_arguments)] // one call site; a struct would only rename them
 async fn dispatch(
     agent: TcpStream,
     dst: SocketAddr,
@@ -231,6 +235,7 @@ async fn dispatch(
     shared: &Arc<Shared>,
     record: &mut ConnectionRecord,
     mut slot: admission::Slot,
+    mut relayed: Option<RelayedConnection<'_>>,
 ) -> Result<(), String> {
     let peeked = slot
         .hold(hello::peek(&agent, MAX_CLIENT_HELLO, shared.server_first_after, shared.tls.handshake_timeout))
@@ -242,7 +247,7 @@ async fn dispatch(
         // legitimate speaks it there, and it must not become a way around governance.
         Err(hello::PeekError::Unknown(_)) if dst.port() != HTTPS_PORT => {
             drop(slot);
-            return splice_to(agent, dst, record).await;
+            return splice_to(agent, dst, record, relayed).await;
         }
         Err(e) => return Err(e.to_string()),
     };
@@ -258,6 +263,17 @@ async fn dispatch(
     }
     // The slot stays with a connection only through its TLS handshake: every other way on
     // (splice, plain HTTP) frees it first, since those can last as long as the connection.
+    let spliced = match &peeked {
+        Peeked::Tls { sni: Some(sni), .. } => !shared.tls.is_governed(sni),
+        Peeked::Tls { sni: None, .. } | Peeked::Silent => true,
+        Peeked::PlainHttp => false,
+    };
+    if !spliced {
+        // wl serves it: the agent's socket goes back to the kernel's plain TCP code.
+        if let Some(r) = relayed.as_mut() {
+            r.leave();
+        }
+    }
     match peeked {
         Peeked::Tls { sni: Some(sni), .. } if shared.tls.is_governed(&sni) => {
             record.action = "terminate";
@@ -280,11 +296,11 @@ async fn dispatch(
             // Not governed: the agent talks to the real server, certificate and all.
             drop(slot);
             record.host = sni;
-            splice_to(agent, dst, record).await
+            splice_to(agent, dst, record, relayed).await
         }
         Peeked::Silent => {
             drop(slot);
-            splice_to(agent, dst, record).await
+            splice_to(agent, dst, record, relayed).await
         }
         Peeked::PlainHttp => {
             drop(slot);
@@ -382,7 +398,14 @@ pub fn decide_connect(
     Ok(())
 }
 
-async fn splice_to(agent: TcpStream, dst: SocketAddr, record: &mut ConnectionRecord) -> Result<(), String> {
+/// Splices the agent's connection to `dst`, with the kernel relay taking over the
+/// agent-to-upstream half when the connection is in it.
+async fn splice_to(
+    agent: TcpStream,
+    dst: SocketAddr,
+    record: &mut ConnectionRecord,
+    mut relayed: Option<RelayedConnection<'_>>,
+) -> Result<(), String> {
     let upstream = match tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, TcpStream::connect(dst)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err(format!("connecting to {dst}: {e}")),
@@ -391,9 +414,23 @@ async fn splice_to(agent: TcpStream, dst: SocketAddr, record: &mut ConnectionRec
     let _ = agent.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
     record.action = "splice";
-    let (up, down) = splice::relay(&agent, &upstream).await.map_err(|e| format!("relay: {e}"))?;
-    record.bytes_up = up;
-    record.bytes_down = down;
+    if let Some(r) = relayed.as_mut() {
+        if !r.join(&upstream) {
+            relayed = None;
+        }
+    }
+    let caught_up = |forwarded| {
+        if let Some(r) = &relayed {
+            r.forwarded(forwarded);
+        }
+    };
+    let result = splice::relay(&agent, &upstream, caught_up).await;
+    // The relay's entries go before the sockets close, so that none outlives them.
+    drop(relayed);
+    let relayed = result.map_err(|e| format!("relay: {e}"))?;
+    record.bytes_up = relayed.up;
+    record.bytes_up_kernel = relayed.up_kernel;
+    record.bytes_down = relayed.down;
     Ok(())
 }
 

@@ -3,7 +3,9 @@
 //!
 //! In: the agent's accepted socket and the upstream socket. Out: the byte counts each way
 //! once both directions have reached end of stream (each EOF is passed on as a write
-//! shutdown, so half-closed protocols keep working).
+//! shutdown, so half-closed protocols keep working). Whenever everything the agent has sent
+//! so far is in the upstream socket, the caller hears how much that is: the kernel relay
+//! (`intercept/relay.rs`) may then take the agent-to-upstream half over.
 
 use std::{
     io,
@@ -16,10 +18,68 @@ use tokio::{io::Interest, net::TcpStream};
 /// Pipe capacity per direction; also the most one splice call moves.
 const PIPE_SIZE: i32 = 1 << 20;
 
-/// Relays both directions until both have ended; returns (agent→upstream, upstream→agent).
-pub async fn relay(agent: &TcpStream, upstream: &TcpStream) -> io::Result<(u64, u64)> {
-    let (up, down) = tokio::try_join!(one_way(agent, upstream), one_way(upstream, agent))?;
-    Ok((up, down))
+/// Bytes relayed by one connection.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Relayed {
+    /// Agent to upstream, all of them: what went into the upstream socket.
+    pub up: u64,
+    /// Of `up`, those the kernel relay moved (not the daemon).
+    pub up_kernel: u64,
+    /// Upstream to agent.
+    pub down: u64,
+}
+
+/// Relays both directions until both have ended.
+/// `caught_up(n)`: the first `n` bytes from the agent are in the upstream socket and no
+/// more are waiting to be read.
+pub async fn relay(
+    agent: &TcpStream,
+    upstream: &TcpStream,
+    caught_up: impl FnMut(u64),
+) -> io::Result<Relayed> {
+    let (up, down) = tokio::try_join!(one_way(agent, upstream, caught_up), one_way(upstream, agent, |_| {}))?;
+    Ok(Relayed {
+        up: up.into_dest.max(up.spliced),
+        up_kernel: up.into_dest.saturating_sub(up.spliced),
+        down: down.spliced,
+    })
+}
+
+/// One direction's counts.
+struct OneWay {
+    /// Bytes this relay moved.
+    spliced: u64,
+    /// Bytes written into the destination socket by anyone (this relay and the kernel
+    /// relay), counted when the source ended.
+    into_dest: u64,
+}
+
+/// Data bytes ever written into a connected TCP socket: those the peer has acknowledged
+/// plus those still queued (`TCP_INFO` and `SIOCOUTQ`), less the SYN's sequence number.
+/// Call before a FIN is queued.
+pub fn bytes_written(sock: &impl AsRawFd) -> io::Result<u64> {
+    // SAFETY: tcp_info is plain integers; the kernel writes at most `len` bytes of it.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: valid fd, pointer and length for TCP_INFO.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut queued: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ writes one int.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::TIOCOUTQ, &mut queued) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((info.tcpi_bytes_acked + queued.max(0) as u64).saturating_sub(1))
 }
 
 fn new_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
@@ -35,25 +95,36 @@ fn splice_nb(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Result
         .map_err(io::Error::from)
 }
 
-async fn one_way(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
+async fn one_way(from: &TcpStream, to: &TcpStream, mut caught_up: impl FnMut(u64)) -> io::Result<OneWay> {
     let (pipe_r, pipe_w) = new_pipe()?;
     let mut total = 0u64;
+    let mut reported = None;
     loop {
         // Fill the (empty) pipe from the source socket.
         let n = loop {
-            from.readable().await?;
             match from
                 .try_io(Interest::READABLE, || splice_nb(from.as_fd(), pipe_w.as_fd(), PIPE_SIZE as usize))
             {
                 Ok(n) => break n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // Nothing to read (as far as tokio knows; an understatement is
+                    // harmless): all `total` bytes read so far are in `to`.
+                    if reported != Some(total) {
+                        caught_up(total);
+                        reported = Some(total);
+                    }
+                    from.readable().await?;
+                }
                 Err(e) => return Err(e),
             }
         };
         if n == 0 {
-            // End of stream: pass it on, keep the other direction going.
+            // End of stream: pass it on, keep the other direction going. Everything the
+            // source sent is in `to` by now (the kernel relay's bytes too: they went in
+            // before the source's end of stream was sent).
+            let into_dest = bytes_written(to).unwrap_or(total);
             let _ = nix::sys::socket::shutdown(to.as_raw_fd(), nix::sys::socket::Shutdown::Write);
-            return Ok(total);
+            return Ok(OneWay { spliced: total, into_dest });
         }
         // Drain the pipe into the destination socket.
         let mut left = n;
@@ -86,7 +157,7 @@ mod tests {
     async fn relays_both_ways_and_passes_half_close_on() {
         let (mut agent, agent_side) = pair().await;
         let (upstream_side, mut upstream) = pair().await;
-        let relay = tokio::spawn(async move { super::relay(&agent_side, &upstream_side).await });
+        let relay = tokio::spawn(async move { super::relay(&agent_side, &upstream_side, |_| {}).await });
 
         let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
         agent.write_all(&big).await.unwrap();
@@ -100,6 +171,20 @@ mod tests {
         let mut answer = Vec::new();
         agent.read_to_end(&mut answer).await.unwrap();
         assert_eq!(answer, b"done");
-        assert_eq!(relay.await.unwrap().unwrap(), (big.len() as u64, 4));
+        let relayed = relay.await.unwrap().unwrap();
+        assert_eq!(relayed, super::Relayed { up: big.len() as u64, up_kernel: 0, down: 4 });
+    }
+
+    #[tokio::test]
+    async fn bytes_written_counts_data_only() {
+        let (mut a, mut b) = pair().await;
+        assert_eq!(super::bytes_written(&a).unwrap(), 0);
+        a.write_all(&[7u8; 12345]).await.unwrap();
+        // Queued or acknowledged, each byte counts once.
+        assert_eq!(super::bytes_written(&a).unwrap(), 12345);
+        let mut got = vec![0u8; 12345];
+        b.read_exact(&mut got).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert_eq!(super::bytes_written(&a).unwrap(), 12345);
     }
 }

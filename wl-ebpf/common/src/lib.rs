@@ -19,6 +19,10 @@ pub const FLAG_BLOCK_QUIC: u32 = 1 << 1;
 pub const FLAG_HAS_V4: u32 = 1 << 2;
 /// [`Settings::flags`]: the IPv6 listener fields are valid.
 pub const FLAG_HAS_V6: u32 = 1 << 3;
+/// [`Settings::flags`]: put intercepted agent sockets into [`maps::AGENT_SOCKS`], so that a
+/// spliced connection's agent-to-upstream bytes can be relayed inside the kernel (the
+/// daemon loaded and attached the `sk_msg` program).
+pub const FLAG_KERNEL_RELAY: u32 = 1 << 4;
 
 /// Names of the maps in the eBPF object; user space looks them up by these names.
 pub mod maps {
@@ -34,8 +38,32 @@ pub mod maps {
     pub const BY_COOKIE: &str = "WL_BY_COOKIE";
     /// `LruHashMap<PeerKey, ConnRecord>`: written by sock_ops, read (and deleted) by the daemon.
     pub const BY_PEER: &str = "WL_BY_PEER";
+    /// `SockHash<u64 socket cookie>`: intercepted agent sockets, added by sock_ops when
+    /// `FLAG_KERNEL_RELAY` is set; the `sk_msg` program runs on their sends. The daemon
+    /// removes a socket once its connection is not spliced.
+    pub const AGENT_SOCKS: &str = "WL_AGENT_SOCKS";
+    /// `SockHash<u64 agent socket cookie>`: the daemon's upstream socket of each spliced
+    /// connection, where the agent's sends go once the relay has switched.
+    pub const UPSTREAM_SOCKS: &str = "WL_UPSTREAM_SOCKS";
+    /// `LruHashMap<PeerKey of the agent socket, RelayState>`: created by sock_ops, then
+    /// written by `sk_msg` only (which cannot read a socket's cookie, only its addresses).
+    pub const RELAY_STATE: &str = "WL_RELAY_STATE";
+    /// `LruHashMap<u64 agent socket cookie, u64>`: written by the daemon only: how many of
+    /// the agent's bytes it has handed to the upstream socket so far.
+    pub const RELAY_FORWARDED: &str = "WL_RELAY_FORWARDED";
     /// Every map of the object, for pinning (`intercept.fail = "closed"`).
-    pub const ALL: [&str; 6] = [SETTINGS, PORTS, EXEMPT_CGROUPS, EXCLUDED, BY_COOKIE, BY_PEER];
+    pub const ALL: [&str; 10] = [
+        SETTINGS,
+        PORTS,
+        EXEMPT_CGROUPS,
+        EXCLUDED,
+        BY_COOKIE,
+        BY_PEER,
+        AGENT_SOCKS,
+        UPSTREAM_SOCKS,
+        RELAY_STATE,
+        RELAY_FORWARDED,
+    ];
 }
 
 /// Names of the programs in the eBPF object.
@@ -60,6 +88,8 @@ pub mod programs {
     pub const GETPEERNAME6: &str = "wl_getpeername6";
     /// `sock_ops`: re-keys the connection record by the client's address and port.
     pub const SOCK_OPS: &str = "wl_sock_ops";
+    /// `sk_msg` on [`super::maps::AGENT_SOCKS`]: the kernel relay of spliced connections.
+    pub const RELAY_MSG: &str = "wl_relay_msg";
 }
 
 /// Interception settings, written by the daemon into a one-entry array map.
@@ -110,6 +140,34 @@ pub struct ConnRecord {
     pub cgroup_id: u64,
     /// The caller's `comm` (task name), NUL padded.
     pub comm: [u8; 16],
+    /// The agent socket's cookie (set by sock_ops when it re-keys the record): the key of
+    /// the kernel relay's maps.
+    pub cookie: u64,
+}
+
+/// What the `sk_msg` program knows about one agent socket of the kernel relay.
+///
+/// Until `switched`, the agent's sends go the normal way, to the daemon's accepted socket,
+/// and are counted in `passed`. The program switches on a send that finds the daemon's
+/// `RELAY_FORWARDED` count equal to `passed`: every byte sent before it is then already in
+/// the upstream socket, so sending this one straight there keeps the stream in order.
+/// Sends on one socket run one at a time (under the socket's lock), so plain fields do.
+///
+/// Keyed by the agent's address, which a later socket may reuse: `cookie` says which
+/// socket the entry belongs to (sock_ops writes a fresh entry for every new socket before
+/// the socket can send), and the daemon's maps are keyed by it, so an entry can never send
+/// one connection's bytes into another's upstream socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RelayState {
+    /// The agent socket's cookie.
+    pub cookie: u64,
+    /// Bytes sent to the daemon's socket before the switch.
+    pub passed: u64,
+    /// 1 once the sends go straight to the upstream socket.
+    pub switched: u32,
+    /// Always zero.
+    pub reserved: u32,
 }
 
 /// A connection as the daemon sees it from `accept()`: the client's address and port.
@@ -125,16 +183,19 @@ pub struct PeerKey {
 }
 
 const _: () = assert!(core::mem::size_of::<Settings>() == 48);
-const _: () = assert!(core::mem::size_of::<ConnRecord>() == 64);
+const _: () = assert!(core::mem::size_of::<ConnRecord>() == 72);
+const _: () = assert!(core::mem::size_of::<RelayState>() == 24);
 const _: () = assert!(core::mem::size_of::<PeerKey>() == 24);
 
 #[cfg(feature = "user")]
 mod user {
-    // SAFETY: all three are #[repr(C)] plain integers and arrays with no padding (sizes
+    // SAFETY: all four are #[repr(C)] plain integers and arrays with no padding (sizes
     // asserted above), so every bit pattern is valid.
     unsafe impl aya::Pod for super::Settings {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::ConnRecord {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::PeerKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::RelayState {}
 }
