@@ -91,8 +91,13 @@ struct Daemon {
 }
 
 impl Daemon {
-    fn start(cgroup: &str, ports: &[u16]) -> anyhow::Result<Self> {
-        let dir = std::env::temp_dir().join(format!("wl-bench-{}", std::process::id()));
+    /// A daemon intercepting `ports` for `cgroup`; `kernel_relay` as `intercept.kernel_relay`.
+    fn start(cgroup: &str, ports: &[u16], kernel_relay: bool) -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(format!(
+            "wl-bench-{}-{}",
+            std::process::id(),
+            cgroup.trim_start_matches('/')
+        ));
         std::fs::create_dir_all(&dir)?;
         let config = dir.join("wl.toml");
         let ports = ports.iter().map(u16::to_string).collect::<Vec<_>>().join(", ");
@@ -100,7 +105,7 @@ impl Daemon {
             &config,
             format!(
                 "state_dir = {state:?}\n[intercept]\ncgroups = [{cgroup:?}]\nports = [{ports}]\n\
-                 listen = [\"127.0.0.1:0\", \"[::1]:0\"]\n[audit]\npath = {audit:?}\n",
+                 listen = [\"127.0.0.1:0\", \"[::1]:0\"]\nkernel_relay = {kernel_relay}\n[audit]\npath = {audit:?}\n",
                 state = dir.join("state").display().to_string(),
                 audit = dir.join("audit.jsonl").display().to_string(),
             ),
@@ -134,6 +139,23 @@ impl Daemon {
             std::thread::sleep(Duration::from_millis(50));
         }
         Ok(Self { child, _dir: dir })
+    }
+}
+
+impl Daemon {
+    /// The share of the agents' bytes to their upstreams that the kernel relay carried,
+    /// from the connection records written so far (`bytes_up_kernel` / `bytes_up`).
+    fn kernel_relayed_share(&self) -> anyhow::Result<f64> {
+        let text = std::fs::read_to_string(self._dir.join("audit.jsonl"))?;
+        let (mut kernel, mut all) = (0u64, 0u64);
+        for line in text.lines() {
+            let v: serde_json::Value = serde_json::from_str(line)?;
+            if v["kind"] == "connection" {
+                kernel += v["bytes_up_kernel"].as_u64().unwrap_or(0);
+                all += v["bytes_up"].as_u64().unwrap_or(0);
+            }
+        }
+        Ok(if all == 0 { 0.0 } else { kernel as f64 / all as f64 })
     }
 }
 
@@ -224,74 +246,10 @@ fn median(v: &mut [f64]) -> f64 {
 
 /// `cargo xtask bench`.
 pub fn run(write: bool) -> anyhow::Result<()> {
-    if !Path::new("/proc/self").exists() || !nix_is_root() {
-        bail!("the benchmarks attach eBPF programs: run `cargo xtask bench` as root");
-    }
-    let sink = sink_server()?;
-    let plain_port = sink.port();
+    require_root()?;
     let hooked = Cgroup::new("hooked")?;
     let bare = Cgroup::new("bare")?;
-
-    // 1. connect() on a non-intercepted port: hook vs no hook.
-    let intercepted_port = {
-        let l = TcpListener::bind("127.0.0.2:0")?;
-        l.local_addr()?.port()
-    };
-    let daemon = Daemon::start(&hooked.name, &[intercepted_port])?;
-    let acceptor = accept_server()?;
-    let connect_args = vec!["connect".to_string(), acceptor.to_string(), CONNECTS_PER_ROUND.to_string()];
-    let (mut with_hook, mut without, mut diffs) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..CONNECT_ROUNDS {
-        let h = hooked.run_client(&connect_args)?.trim().parse::<f64>()?;
-        let b = bare.run_client(&connect_args)?.trim().parse::<f64>()?;
-        with_hook.push(h);
-        without.push(b);
-        diffs.push(h - b);
-    }
-    drop(daemon);
-    let (connect_hook, connect_bare) = (median(&mut with_hook), median(&mut without));
-    let added_ns = median(&mut diffs);
-
-    // 2. Bulk throughput: through the splice path vs direct vs nginx's TCP proxy.
-    crate::bench_tls::tools()?;
-    let (_nginx, nginx_addr, nginx_dir) = nginx_stream(sink)?;
-    let daemon = Daemon::start(&hooked.name, &[plain_port])?;
-    let bulk_args = vec!["bulk".to_string(), sink.to_string(), BULK_BYTES.to_string()];
-    let nginx_args = vec!["bulk".to_string(), nginx_addr.to_string(), BULK_BYTES.to_string()];
-    let (mut spliced, mut direct, mut proxied) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..ROUNDS {
-        spliced.push(hooked.run_client(&bulk_args)?.trim().parse::<f64>()?);
-        direct.push(bare.run_client(&bulk_args)?.trim().parse::<f64>()?);
-        proxied.push(bare.run_client(&nginx_args)?.trim().parse::<f64>()?);
-    }
-    drop(daemon);
-    drop(_nginx);
-    let _ = std::fs::remove_dir_all(&nginx_dir);
-    let (bulk_spliced, bulk_direct, bulk_nginx) =
-        (median(&mut spliced), median(&mut direct), median(&mut proxied));
-
-    let ratio = bulk_spliced / bulk_direct;
-    let report = format!(
-        "## Foundation: connect() hook cost and splice throughput\n\n\
-         {machine}\n\
-         Command: `cargo xtask bench` (release build). connect(): {CONNECT_ROUNDS} alternating rounds of \
-         {CONNECTS_PER_ROUND} calls, median per round, result = median of the paired differences. \
-         Bulk: {ROUNDS} rounds in turns (wl, direct, nginx), medians; the client writes 256 KiB at a \
-         time, the sink reads 256 KiB at a time; nothing pinned. nginx 1.22 stream module: \
-         `proxy_pass` to the sink with `proxy_half_close on` and `proxy_buffer_size 256k`, one worker.\n\n\
-         | measurement | with wl | baseline | result | target |\n|---|---|---|---|---|\n\
-         | connect() to a non-intercepted port, per call | {connect_hook:.0} ns (intercepted cgroup) | {connect_bare:.0} ns (cgroup without programs) | {added:+.2} µs added | < 2 µs added: {c_ok} |\n\
-         | bulk transfer, {gib} GiB one way over loopback | {bulk_spliced:.2} Gbit/s (splice path) | {bulk_direct:.2} Gbit/s (direct) | {pct:.0}% of direct | ≥ 80%: {b_ok} |\n\
-         | the same through nginx's TCP proxy | | {bulk_nginx:.2} Gbit/s (nginx stream) | {nginx_pct:.0}% of direct; wl {vs_nginx:.2}x nginx | |\n",
-        machine = machine_description(),
-        added = added_ns / 1000.0,
-        c_ok = if added_ns < 2000.0 { "met" } else { "not met" },
-        gib = BULK_BYTES >> 30,
-        pct = ratio * 100.0,
-        b_ok = if ratio >= 0.8 { "met" } else { "not met" },
-        nginx_pct = bulk_nginx / bulk_direct * 100.0,
-        vs_nginx = bulk_spliced / bulk_nginx,
-    );
+    let report = foundation(&hooked, &bare)?;
     println!("{report}");
 
     // 3. Cedar evaluation per request.
@@ -339,6 +297,112 @@ pub fn run(write: bool) -> anyhow::Result<()> {
         eprintln!("xtask bench: wrote {}", path.display());
     }
     Ok(())
+}
+
+/// `cargo xtask bench foundation`: only the connect() and splice measurements, written
+/// into their section of BENCHMARKS.md.
+pub fn foundation_only(write: bool) -> anyhow::Result<()> {
+    require_root()?;
+    let hooked = Cgroup::new("hooked")?;
+    let bare = Cgroup::new("bare")?;
+    let report = foundation(&hooked, &bare)?;
+    println!("{report}");
+    if write {
+        write_section(FOUNDATION_HEADING, &report)?;
+        eprintln!("xtask bench foundation: wrote its section of BENCHMARKS.md");
+    }
+    Ok(())
+}
+
+const FOUNDATION_HEADING: &str = "## Foundation: connect() hook cost and splice throughput";
+
+fn require_root() -> anyhow::Result<()> {
+    if !Path::new("/proc/self").exists() || !nix_is_root() {
+        bail!("the benchmarks attach eBPF programs: run `cargo xtask bench` as root");
+    }
+    Ok(())
+}
+
+/// Sections 1 and 2: connect() with and without the hook, bulk through the splice path,
+/// direct and through nginx. `hooked` gets the daemon, `bare` stays without programs.
+fn foundation(hooked: &Cgroup, bare: &Cgroup) -> anyhow::Result<String> {
+    let sink = sink_server()?;
+    let plain_port = sink.port();
+
+    // 1. connect() on a non-intercepted port: hook vs no hook.
+    let intercepted_port = {
+        let l = TcpListener::bind("127.0.0.2:0")?;
+        l.local_addr()?.port()
+    };
+    let daemon = Daemon::start(&hooked.name, &[intercepted_port], true)?;
+    let acceptor = accept_server()?;
+    let connect_args = vec!["connect".to_string(), acceptor.to_string(), CONNECTS_PER_ROUND.to_string()];
+    let (mut with_hook, mut without, mut diffs) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..CONNECT_ROUNDS {
+        let h = hooked.run_client(&connect_args)?.trim().parse::<f64>()?;
+        let b = bare.run_client(&connect_args)?.trim().parse::<f64>()?;
+        with_hook.push(h);
+        without.push(b);
+        diffs.push(h - b);
+    }
+    drop(daemon);
+    let (connect_hook, connect_bare) = (median(&mut with_hook), median(&mut without));
+    let added_ns = median(&mut diffs);
+
+    // 2. Bulk throughput: through the splice path vs direct vs nginx's TCP proxy.
+    crate::bench_tls::tools()?;
+    let (_nginx, nginx_addr, nginx_dir) = nginx_stream(sink)?;
+    let daemon = Daemon::start(&hooked.name, &[plain_port], true)?;
+    // The same path with the kernel relay off: every byte through the daemon's splice(2).
+    let daemon_only = Cgroup::new("splice")?;
+    let daemon_only_wl = Daemon::start(&daemon_only.name, &[plain_port], false)?;
+    let bulk_args = vec!["bulk".to_string(), sink.to_string(), BULK_BYTES.to_string()];
+    let nginx_args = vec!["bulk".to_string(), nginx_addr.to_string(), BULK_BYTES.to_string()];
+    let (mut spliced, mut unrelayed, mut direct, mut proxied) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        spliced.push(hooked.run_client(&bulk_args)?.trim().parse::<f64>()?);
+        direct.push(bare.run_client(&bulk_args)?.trim().parse::<f64>()?);
+        unrelayed.push(daemon_only.run_client(&bulk_args)?.trim().parse::<f64>()?);
+        proxied.push(bare.run_client(&nginx_args)?.trim().parse::<f64>()?);
+    }
+    drop(daemon_only_wl);
+    // Connection records are written when connections end: give the last one a moment.
+    std::thread::sleep(Duration::from_millis(500));
+    let kernel_share = daemon.kernel_relayed_share()?;
+    drop(daemon);
+    drop(_nginx);
+    let _ = std::fs::remove_dir_all(&nginx_dir);
+    let (bulk_spliced, bulk_unrelayed, bulk_direct, bulk_nginx) =
+        (median(&mut spliced), median(&mut unrelayed), median(&mut direct), median(&mut proxied));
+
+    let ratio = bulk_spliced / bulk_direct;
+    Ok(format!(
+        "{FOUNDATION_HEADING}\n\n\
+         {machine}\n\
+         Command: `cargo xtask bench` (release build). connect(): {CONNECT_ROUNDS} alternating rounds of \
+         {CONNECTS_PER_ROUND} calls, median per round, result = median of the paired differences. \
+         Bulk: {ROUNDS} rounds in turns (wl, direct, wl with `kernel_relay = false`, nginx), medians; the \
+         client writes 256 KiB at a time, the sink reads 256 KiB at a time; nothing pinned. With the \
+         kernel relay (the default) the audit records say it carried {kernel_pct:.1}% of the bytes; the \
+         rest (the start of each transfer) went through the daemon's splice(2). nginx 1.22 stream module: \
+         `proxy_pass` to the sink with `proxy_half_close on` and `proxy_buffer_size 256k`, one worker.\n\n\
+         | measurement | with wl | baseline | result | target |\n|---|---|---|---|---|\n\
+         | connect() to a non-intercepted port, per call | {connect_hook:.0} ns (intercepted cgroup) | {connect_bare:.0} ns (cgroup without programs) | {added:+.2} µs added | < 2 µs added: {c_ok} |\n\
+         | bulk transfer, {gib} GiB one way over loopback | {bulk_spliced:.2} Gbit/s (splice path) | {bulk_direct:.2} Gbit/s (direct) | {pct:.0}% of direct | ≥ 80%: {b_ok} |\n\
+         | the same with `kernel_relay = false` (daemon's splice(2) only) | {bulk_unrelayed:.2} Gbit/s | | {unrelayed_pct:.0}% of direct | |\n\
+         | the same through nginx's TCP proxy | | {bulk_nginx:.2} Gbit/s (nginx stream) | {nginx_pct:.0}% of direct; wl {vs_nginx:.2}x nginx | |\n",
+        machine = machine_description(),
+        added = added_ns / 1000.0,
+        c_ok = if added_ns < 2000.0 { "met" } else { "not met" },
+        gib = BULK_BYTES >> 30,
+        pct = ratio * 100.0,
+        b_ok = if ratio >= 0.8 { "met" } else { "not met" },
+        nginx_pct = bulk_nginx / bulk_direct * 100.0,
+        unrelayed_pct = bulk_unrelayed / bulk_direct * 100.0,
+        kernel_pct = kernel_share * 100.0,
+        vs_nginx = bulk_spliced / bulk_nginx,
+    ))
 }
 
 /// The section of `text` that starts with `heading`, up to the next `## ` heading.

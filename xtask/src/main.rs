@@ -50,9 +50,11 @@ enum Task {
     /// rustfmt and clippy, as CI runs them.
     Lint,
     /// Benchmarks; results go to BENCHMARKS.md. `bench compare`: wl beside direct, nginx
-    /// and mitmproxy (installs oha and mitmproxy into the cache first).
+    /// and mitmproxy (installs oha and mitmproxy into the cache first). `bench foundation`:
+    /// only the connect() hook and splice path measurements (about a minute).
     Bench {
-        /// `compare` for the side-by-side comparison; nothing for the component benchmarks.
+        /// `compare` for the side-by-side comparison, `foundation` for the connect() and
+        /// splice measurements alone; nothing for all the component benchmarks.
         what: Option<String>,
         /// Print results without rewriting BENCHMARKS.md.
         #[arg(long)]
@@ -125,9 +127,11 @@ fn main() -> anyhow::Result<()> {
             match what.as_deref() {
                 None => bench::run(!no_write),
                 Some("compare") => bench::compare(!no_write, &only),
-                Some(other) => {
-                    bail!("unknown benchmark `{other}`: `cargo xtask bench` or `cargo xtask bench compare`")
-                }
+                Some("foundation") => bench::foundation_only(!no_write),
+                Some(other) => bail!(
+                    "unknown benchmark `{other}`: `cargo xtask bench`, `cargo xtask bench compare` or \
+                     `cargo xtask bench foundation`"
+                ),
             }
         }
         Task::Deb => {
