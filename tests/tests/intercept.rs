@@ -104,6 +104,8 @@ fn spliced_uploads_move_into_the_kernel_relay_in_order() {
         let mut cfg = DaemonConfig::new(&cg, &[echo.addr.port()]);
         cfg.kernel_relay = relay;
         let daemon = Daemon::start(&home, &cfg);
+        // The kernel took the relay's program (a refusal would turn the relay off).
+        daemon.wait_log(&format!("kernel_relay={relay}"));
         for mode in [&["--hello"][..], &[][..], &["--nonblocking"][..], &["--sendfile"][..]] {
             let mut args = vec!["127.0.0.2", port.as_str(), size.as_str()];
             args.extend_from_slice(mode);

@@ -90,6 +90,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     crate::metrics::METRICS.watch_leaf_cache(leaves.clone());
     let interceptor = Interceptor::start(&config.intercept, &mount, &bound)?;
     let attached = interceptor.attached().to_vec();
+    let kernel_relay = interceptor.relay().is_some();
 
     let mut shared = proxy::Shared::new(
         interceptor,
@@ -150,7 +151,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     tracing::info!(
         listeners = ?bound, cgroups = ?attached, mode = ?config.mode, fail = ?config.intercept.fail,
-        "wl-daemon ready"
+        kernel_relay, "wl-daemon ready"
     );
     crate::service::ready();
     let watchdog = crate::service::watchdog();

@@ -57,7 +57,8 @@ impl KernelRelay {
     }
 
     /// The agent socket `cookie`, accepted from `peer`, takes part in the relay when its
-    /// connection is spliced; otherwise [`RelayedConnection::leave`] takes it out.
+    /// connection is spliced ([`RelayedConnection::join`]); dropping the handle without
+    /// that takes the socket out of the relay.
     pub fn connection(&self, cookie: u64, peer: std::net::SocketAddr) -> RelayedConnection<'_> {
         RelayedConnection { relay: self, cookie, key: super::peer_key(peer), joined: false }
     }
@@ -74,8 +75,8 @@ pub struct RelayedConnection<'a> {
 }
 
 impl RelayedConnection<'_> {
-    /// The connection is not spliced: its agent socket goes back to plain TCP.
-    pub fn leave(&mut self) {
+    /// The agent socket goes back to the kernel's plain TCP code and its state goes.
+    fn leave(&self) {
         let _ = self.relay.agents.lock().expect("relay map lock").remove(&self.cookie);
         let mut state = self.relay.state.lock().expect("relay map lock");
         // Only this socket's: a later socket of the same address may have its own by now.

@@ -235,7 +235,7 @@ async fn dispatch(
     shared: &Arc<Shared>,
     record: &mut ConnectionRecord,
     mut slot: admission::Slot,
-    mut relayed: Option<RelayedConnection<'_>>,
+    relayed: Option<RelayedConnection<'_>>,
 ) -> Result<(), String> {
     let peeked = slot
         .hold(hello::peek(&agent, MAX_CLIENT_HELLO, shared.server_first_after, shared.tls.handshake_timeout))
@@ -263,19 +263,11 @@ async fn dispatch(
     }
     // The slot stays with a connection only through its TLS handshake: every other way on
     // (splice, plain HTTP) frees it first, since those can last as long as the connection.
-    let spliced = match &peeked {
-        Peeked::Tls { sni: Some(sni), .. } => !shared.tls.is_governed(sni),
-        Peeked::Tls { sni: None, .. } | Peeked::Silent => true,
-        Peeked::PlainHttp => false,
-    };
-    if !spliced {
-        // wl serves it: the agent's socket goes back to the kernel's plain TCP code.
-        if let Some(r) = relayed.as_mut() {
-            r.leave();
-        }
-    }
+    // Where wl serves the connection itself, dropping `relayed` takes the agent's socket out
+    // of the kernel relay, back to the kernel's plain TCP code.
     match peeked {
         Peeked::Tls { sni: Some(sni), .. } if shared.tls.is_governed(&sni) => {
+            drop(relayed);
             record.action = "terminate";
             record.host = Some(sni.clone());
             let _ = agent.set_nodelay(true);
@@ -304,6 +296,7 @@ async fn dispatch(
         }
         Peeked::PlainHttp => {
             drop(slot);
+            drop(relayed);
             record.action = "http";
             let _ = agent.set_nodelay(true);
             let ctx = Arc::new(http::ConnContext::new(
