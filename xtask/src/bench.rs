@@ -380,7 +380,7 @@ fn foundation(hooked: &Cgroup, bare: &Cgroup) -> anyhow::Result<String> {
     Ok(format!(
         "{FOUNDATION_HEADING}\n\n\
          {machine}\n\
-         Command: `cargo xtask bench` (release build). connect(): {CONNECT_ROUNDS} alternating rounds of \
+         Command: `cargo xtask bench` or `cargo xtask bench foundation` (release build). connect(): {CONNECT_ROUNDS} alternating rounds of \
          {CONNECTS_PER_ROUND} calls, median per round, result = median of the paired differences. \
          Bulk: {ROUNDS} rounds in turns (wl, direct, wl with `kernel_relay = false`, nginx), medians; the \
          client writes 256 KiB at a time, the sink reads 256 KiB at a time; nothing pinned. With the \
