@@ -322,12 +322,42 @@ fn require_root() -> anyhow::Result<()> {
     }
     Ok(())
 }
+/// Answers each connection with as many bytes as its first 8 (a little-endian count) ask
+/// for, written 256 KiB at a time, then closes; returns the address. The far end of the
+/// download measurement.
+fn source_server() -> anyhow::Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.2:0")?;
+    let addr = listener.local_addr()?;
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut stream = stream;
+                let mut want = [0u8; 8];
+                if stream.read_exact(&mut want).is_err() {
+                    return;
+                }
+                let total = u64::from_le_bytes(want);
+                let buf = vec![0xa5u8; 256 * 1024];
+                let mut sent = 0u64;
+                while sent < total {
+                    let n = (total - sent).min(buf.len() as u64) as usize;
+                    if stream.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                    sent += n as u64;
+                }
+            });
+        }
+    });
+    Ok(addr)
+}
 
 /// Sections 1 and 2: connect() with and without the hook, bulk through the splice path,
 /// direct and through nginx. `hooked` gets the daemon, `bare` stays without programs.
 fn foundation(hooked: &Cgroup, bare: &Cgroup) -> anyhow::Result<String> {
     let sink = sink_server()?;
-    let plain_port = sink.port();
+    let source = source_server()?;
+    let plain_ports = [sink.port(), source.port()];
 
     // 1. connect() on a non-intercepted port: hook vs no hook.
     let intercepted_port = {
@@ -352,19 +382,26 @@ fn foundation(hooked: &Cgroup, bare: &Cgroup) -> anyhow::Result<String> {
     // 2. Bulk throughput: through the splice path vs direct vs nginx's TCP proxy.
     crate::bench_tls::tools()?;
     let (_nginx, nginx_addr, nginx_dir) = nginx_stream(sink)?;
-    let daemon = Daemon::start(&hooked.name, &[plain_port], true)?;
+    let daemon = Daemon::start(&hooked.name, &plain_ports, true)?;
     // The same path with the kernel relay off: every byte through the daemon's splice(2).
     let daemon_only = Cgroup::new("splice")?;
-    let daemon_only_wl = Daemon::start(&daemon_only.name, &[plain_port], false)?;
+    let daemon_only_wl = Daemon::start(&daemon_only.name, &plain_ports, false)?;
     let bulk_args = vec!["bulk".to_string(), sink.to_string(), BULK_BYTES.to_string()];
     let nginx_args = vec!["bulk".to_string(), nginx_addr.to_string(), BULK_BYTES.to_string()];
+    let download_args = vec!["download".to_string(), source.to_string(), BULK_BYTES.to_string()];
     let (mut spliced, mut unrelayed, mut direct, mut proxied) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut down_wl, mut down_unrelayed, mut down_direct) = (Vec::new(), Vec::new(), Vec::new());
+    let run =
+        |cg: &Cgroup, args: &[String]| -> anyhow::Result<f64> { Ok(cg.run_client(args)?.trim().parse()?) };
     for _ in 0..ROUNDS {
-        spliced.push(hooked.run_client(&bulk_args)?.trim().parse::<f64>()?);
-        direct.push(bare.run_client(&bulk_args)?.trim().parse::<f64>()?);
-        unrelayed.push(daemon_only.run_client(&bulk_args)?.trim().parse::<f64>()?);
-        proxied.push(bare.run_client(&nginx_args)?.trim().parse::<f64>()?);
+        spliced.push(run(hooked, &bulk_args)?);
+        direct.push(run(bare, &bulk_args)?);
+        unrelayed.push(run(&daemon_only, &bulk_args)?);
+        proxied.push(run(bare, &nginx_args)?);
+        down_wl.push(run(hooked, &download_args)?);
+        down_direct.push(run(bare, &download_args)?);
+        down_unrelayed.push(run(&daemon_only, &download_args)?);
     }
     drop(daemon_only_wl);
     // Connection records are written when connections end: give the last one a moment.
@@ -375,6 +412,8 @@ fn foundation(hooked: &Cgroup, bare: &Cgroup) -> anyhow::Result<String> {
     let _ = std::fs::remove_dir_all(&nginx_dir);
     let (bulk_spliced, bulk_unrelayed, bulk_direct, bulk_nginx) =
         (median(&mut spliced), median(&mut unrelayed), median(&mut direct), median(&mut proxied));
+    let (down_wl, down_unrelayed, down_direct) =
+        (median(&mut down_wl), median(&mut down_unrelayed), median(&mut down_direct));
 
     let ratio = bulk_spliced / bulk_direct;
     Ok(format!(
@@ -382,16 +421,19 @@ fn foundation(hooked: &Cgroup, bare: &Cgroup) -> anyhow::Result<String> {
          {machine}\n\
          Command: `cargo xtask bench` or `cargo xtask bench foundation` (release build). connect(): {CONNECT_ROUNDS} alternating rounds of \
          {CONNECTS_PER_ROUND} calls, median per round, result = median of the paired differences. \
-         Bulk: {ROUNDS} rounds in turns (wl, direct, wl with `kernel_relay = false`, nginx), medians; the \
-         client writes 256 KiB at a time, the sink reads 256 KiB at a time; nothing pinned. With the \
-         kernel relay (the default) the audit records say it carried {kernel_pct:.1}% of the bytes; the \
-         rest (the start of each transfer) went through the daemon's splice(2). nginx 1.22 stream module: \
+         Bulk: {ROUNDS} rounds in turns (uploads: wl, direct, wl with `kernel_relay = false`, nginx; then \
+         downloads: wl, direct, wl without the relay), medians; each side writes and reads 256 KiB at a \
+         time; nothing pinned. With the kernel relay (the default) the audit records say it carried \
+         {kernel_pct:.1}% of the uploaded bytes; the rest (the start of each transfer) went through the \
+         daemon's splice(2), as every downloaded byte does. nginx 1.22 stream module: \
          `proxy_pass` to the sink with `proxy_half_close on` and `proxy_buffer_size 256k`, one worker.\n\n\
          | measurement | with wl | baseline | result | target |\n|---|---|---|---|---|\n\
          | connect() to a non-intercepted port, per call | {connect_hook:.0} ns (intercepted cgroup) | {connect_bare:.0} ns (cgroup without programs) | {added:+.2} µs added | < 2 µs added: {c_ok} |\n\
-         | bulk transfer, {gib} GiB one way over loopback | {bulk_spliced:.2} Gbit/s (splice path) | {bulk_direct:.2} Gbit/s (direct) | {pct:.0}% of direct | ≥ 80%: {b_ok} |\n\
+         | bulk upload, {gib} GiB agent to upstream over loopback | {bulk_spliced:.2} Gbit/s (splice path) | {bulk_direct:.2} Gbit/s (direct) | {pct:.0}% of direct | ≥ 80%: {b_ok} |\n\
          | the same with `kernel_relay = false` (daemon's splice(2) only) | {bulk_unrelayed:.2} Gbit/s | | {unrelayed_pct:.0}% of direct | |\n\
-         | the same through nginx's TCP proxy | | {bulk_nginx:.2} Gbit/s (nginx stream) | {nginx_pct:.0}% of direct; wl {vs_nginx:.2}x nginx | |\n",
+         | the same through nginx's TCP proxy | | {bulk_nginx:.2} Gbit/s (nginx stream) | {nginx_pct:.0}% of direct; wl {vs_nginx:.2}x nginx | |\n\
+         | bulk download, {gib} GiB the other way (upstream to agent: splice(2) in the daemon, relay or not) | {down_wl:.2} Gbit/s | {down_direct:.2} Gbit/s (direct) | {down_pct:.0}% of direct | ≥ 80%: {d_ok} |\n\
+         | the same with `kernel_relay = false` | {down_unrelayed:.2} Gbit/s | | {down_unrelayed_pct:.0}% of direct | |\n",
         machine = machine_description(),
         added = added_ns / 1000.0,
         c_ok = if added_ns < 2000.0 { "met" } else { "not met" },
@@ -401,6 +443,9 @@ fn foundation(hooked: &Cgroup, bare: &Cgroup) -> anyhow::Result<String> {
         nginx_pct = bulk_nginx / bulk_direct * 100.0,
         unrelayed_pct = bulk_unrelayed / bulk_direct * 100.0,
         kernel_pct = kernel_share * 100.0,
+        down_pct = down_wl / down_direct * 100.0,
+        d_ok = if down_wl / down_direct >= 0.8 { "met" } else { "not met" },
+        down_unrelayed_pct = down_unrelayed / down_direct * 100.0,
         vs_nginx = bulk_spliced / bulk_nginx,
     ))
 }
@@ -517,7 +562,28 @@ pub fn client(args: &[String]) -> anyhow::Result<()> {
             }
             println!("{}", total as f64 * 8.0 / secs / 1e9);
         }
-        _ => bail!("usage: bench-client connect ADDR N | bulk ADDR BYTES"),
+        [mode, addr, bytes] if mode == "download" => {
+            let addr: SocketAddr = addr.parse()?;
+            let total: u64 = bytes.parse()?;
+            let mut buf = vec![0u8; 256 * 1024];
+            let mut s = TcpStream::connect(addr)?;
+            let t = Instant::now();
+            s.write_all(&total.to_le_bytes())?;
+            let mut got = 0u64;
+            loop {
+                let n = s.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                got += n as u64;
+            }
+            let secs = t.elapsed().as_secs_f64();
+            if got != total {
+                bail!("received {got} of {total} bytes");
+            }
+            println!("{}", total as f64 * 8.0 / secs / 1e9);
+        }
+        _ => bail!("usage: bench-client connect ADDR N | bulk ADDR BYTES | download ADDR BYTES"),
     }
     Ok(())
 }
