@@ -1,6 +1,8 @@
 //! Interception: loads wl's eBPF programs, attaches them to the configured cgroups, writes
 //! their settings, and answers the one question the proxy asks of every accepted
-//! connection: where was it going, and who asked? ([`Interceptor::take_record`]).
+//! connection: where was it going, and who asked? ([`Interceptor::take_record`]). When
+//! `kernel_relay` is on it also attaches the relay's `sk_msg` program and hands the proxy
+//! the relay's maps ([`Interceptor::relay`], `relay.rs`).
 //!
 //! In: the `[intercept]` configuration and the bound listener addresses. Out: a running
 //! [`Interceptor`]; dropping it detaches everything (`fail = "open"`), or leaves the pinned
