@@ -184,28 +184,54 @@ fn accept_server() -> anyhow::Result<SocketAddr> {
     Ok(addr)
 }
 
-/// Accepts and drains connections until the process exits, answering each with the byte
-/// count it received; returns the address.
-fn sink_server() -> anyhow::Result<SocketAddr> {
+/// Serves each connection to a fresh loopback listener with `handler`, on a thread of its
+/// own, until the process exits; returns the address.
+fn serve_each(handler: fn(TcpStream)) -> anyhow::Result<SocketAddr> {
     let listener = TcpListener::bind("127.0.0.2:0")?;
     let addr = listener.local_addr()?;
     std::thread::spawn(move || {
         for stream in listener.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut stream = stream;
-                let mut buf = vec![0u8; 256 * 1024];
-                let mut total = 0u64;
-                while let Ok(n) = stream.read(&mut buf) {
-                    if n == 0 {
-                        break;
-                    }
-                    total += n as u64;
-                }
-                let _ = stream.write_all(&total.to_le_bytes());
-            });
+            std::thread::spawn(move || handler(stream));
         }
     });
     Ok(addr)
+}
+
+/// Drains each connection, answering with the byte count it received: the far end of the
+/// upload measurement.
+fn sink_server() -> anyhow::Result<SocketAddr> {
+    serve_each(|mut stream| {
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut total = 0u64;
+        while let Ok(n) = stream.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            total += n as u64;
+        }
+        let _ = stream.write_all(&total.to_le_bytes());
+    })
+}
+
+/// Answers each connection with as many bytes as its first 8 (a little-endian count) ask
+/// for, written 256 KiB at a time, then closes: the far end of the download measurement.
+fn source_server() -> anyhow::Result<SocketAddr> {
+    serve_each(|mut stream| {
+        let mut want = [0u8; 8];
+        if stream.read_exact(&mut want).is_err() {
+            return;
+        }
+        let total = u64::from_le_bytes(want);
+        let buf = vec![0xa5u8; 256 * 1024];
+        let mut sent = 0u64;
+        while sent < total {
+            let n = (total - sent).min(buf.len() as u64) as usize;
+            if stream.write_all(&buf[..n]).is_err() {
+                return;
+            }
+            sent += n as u64;
+        }
+    })
 }
 
 /// nginx as a plain TCP proxy (stream module) in front of `sink`: the process, its address
@@ -321,35 +347,6 @@ fn require_root() -> anyhow::Result<()> {
         bail!("the benchmarks attach eBPF programs: run `cargo xtask bench` as root");
     }
     Ok(())
-}
-/// Answers each connection with as many bytes as its first 8 (a little-endian count) ask
-/// for, written 256 KiB at a time, then closes; returns the address. The far end of the
-/// download measurement.
-fn source_server() -> anyhow::Result<SocketAddr> {
-    let listener = TcpListener::bind("127.0.0.2:0")?;
-    let addr = listener.local_addr()?;
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut stream = stream;
-                let mut want = [0u8; 8];
-                if stream.read_exact(&mut want).is_err() {
-                    return;
-                }
-                let total = u64::from_le_bytes(want);
-                let buf = vec![0xa5u8; 256 * 1024];
-                let mut sent = 0u64;
-                while sent < total {
-                    let n = (total - sent).min(buf.len() as u64) as usize;
-                    if stream.write_all(&buf[..n]).is_err() {
-                        return;
-                    }
-                    sent += n as u64;
-                }
-            });
-        }
-    });
-    Ok(addr)
 }
 
 /// Sections 1 and 2: connect() with and without the hook, bulk through the splice path,
