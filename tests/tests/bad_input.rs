@@ -140,7 +140,8 @@ fn a_second_daemon_on_the_same_state_dir_is_refused() {
     let first = wl_e2e::Daemon::start(&home, &cfg);
     let config = home.write_config(&cfg);
     assert_refused(&mut daemon_cmd(&config), &["another wl-daemon is already running"]);
-    assert_eq!(cg.attached_programs().len(), 7, "the first daemon's programs only");
+    // Seven interception programs and the kernel relay's setsockopt program.
+    assert_eq!(cg.attached_programs().len(), 8, "the first daemon's programs only");
     first.stop_ok();
     assert_nothing_left(&cg, &home);
 }

@@ -89,6 +89,13 @@ fn agents_in_the_cgroup_are_redirected_spliced_and_audited() {
 /// bytes are in flight, whenever the daemon catches up), also with a non-blocking agent
 /// (which must see "would block" when the upstream socket is full, never an error or a
 /// loss) and with sendfile(2); and all of it with the relay off as the control.
+///
+/// Kernel TLS on a relayed socket: the kernel would hand the relay each record's plaintext
+/// and a redirect would send it unencrypted, so a socket whose owner asks for an
+/// upper-layer protocol (`TCP_ULP`) halfway through the upload must leave the relay at
+/// that point: the relay carries exactly the bytes sent before, the daemon the rest, and
+/// the echo still matches. (This machine's kernel has no kernel TLS, so the call fails
+/// with ENOENT, but the hook that must see it runs first either way.)
 #[test]
 fn spliced_uploads_move_into_the_kernel_relay_in_order() {
     const BYTES: u64 = 24 << 20;
@@ -99,6 +106,7 @@ fn spliced_uploads_move_into_the_kernel_relay_in_order() {
     let port = echo.addr.port().to_string();
     let dst = echo.addr.to_string();
     let size = BYTES.to_string();
+    let half = (BYTES / 2).to_string();
 
     for relay in [true, false] {
         let mut cfg = DaemonConfig::new(&cg, &[echo.addr.port()]);
@@ -106,7 +114,10 @@ fn spliced_uploads_move_into_the_kernel_relay_in_order() {
         let daemon = Daemon::start(&home, &cfg);
         // The kernel took the relay's program (a refusal would turn the relay off).
         daemon.wait_log(&format!("kernel_relay={relay}"));
-        for mode in [&["--hello"][..], &[][..], &["--nonblocking"][..], &["--sendfile"][..]] {
+        let kernel_tls_halfway = ["--hello", "--ulp-at", half.as_str()];
+        for mode in
+            [&["--hello"][..], &[][..], &["--nonblocking"][..], &["--sendfile"][..], &kernel_tls_halfway]
+        {
             let mut args = vec!["127.0.0.2", port.as_str(), size.as_str()];
             args.extend_from_slice(mode);
             let out = python_json(Some(&cg), "stream_client.py", &args);
@@ -125,6 +136,11 @@ fn spliced_uploads_move_into_the_kernel_relay_in_order() {
                 // After the exchange the daemon has forwarded everything and said so: the
                 // upload's first send already goes straight to the upstream.
                 (true, ["--hello"]) => assert_eq!(kernel, BYTES, "{rec}\n{}", daemon.log_text()),
+                (true, ["--hello", "--ulp-at", _]) => {
+                    let before = out["ulp_sent_before"].as_u64().expect("the agent asked for kernel TLS");
+                    assert!((BYTES / 2..BYTES).contains(&before), "{out}");
+                    assert_eq!(kernel, before, "the relay went on after TCP_ULP: {rec}\n{out}");
+                }
                 (true, _) => assert!(kernel <= BYTES, "{rec}"),
                 (false, _) => assert_eq!(kernel, 0, "{rec}"),
             }
@@ -213,7 +229,8 @@ fn fail_open_detaches_on_sigterm() {
     let home = DaemonHome::new();
     let tcp = Upstream::tcp(home.dir.path(), "127.0.0.2", 0);
     let daemon = Daemon::start(&home, &DaemonConfig::new(&cg, &[tcp.addr.port()]));
-    assert_eq!(cg.attached_programs().len(), 7, "{:?}", cg.attached_programs());
+    // Seven interception programs and the kernel relay's setsockopt program.
+    assert_eq!(cg.attached_programs().len(), 8, "{:?}", cg.attached_programs());
     daemon.stop_ok();
     assert!(cg.attached_programs().is_empty(), "left attached: {:?}", cg.attached_programs());
     let out = python_json(Some(&cg), "tcp_client.py", &["127.0.0.2", &tcp.addr.port().to_string()]);
@@ -238,7 +255,10 @@ fn fail_closed_refuses_while_down_and_is_taken_over_on_restart() {
     let daemon = Daemon::start(&home, &cfg);
     assert_eq!(python_json(Some(&cg), "tcp_client.py", &["127.0.0.2", &port])["echo_ok"], true);
     daemon.stop_ok();
-    assert_eq!(cg.attached_programs().len(), 7, "links should stay pinned: {:?}", cg.attached_programs());
+    // The seven interception programs; the relay's setsockopt program went with the daemon.
+    let left = cg.attached_programs();
+    assert_eq!(left.len(), 7, "links should stay pinned: {left:?}");
+    assert!(!left.iter().any(|p| p.contains("wl_setsockopt")), "{left:?}");
 
     // Down: the agent's connect is refused, and nothing reaches the upstream.
     let mut client = cg.command("python3");
@@ -254,7 +274,8 @@ fn fail_closed_refuses_while_down_and_is_taken_over_on_restart() {
 
     // Back: the pinned programs are taken over, not attached twice, and intercept again.
     let daemon = Daemon::start(&home, &cfg);
-    assert_eq!(cg.attached_programs().len(), 7, "attached twice: {:?}", cg.attached_programs());
+    // The seven pinned ones taken over, the relay's setsockopt program attached anew.
+    assert_eq!(cg.attached_programs().len(), 8, "attached twice: {:?}", cg.attached_programs());
     let out = python_json(Some(&cg), "tcp_client.py", &["127.0.0.2", &port]);
     assert_eq!(out["echo_ok"], true);
     let pid = out["pid"].clone();

@@ -4,8 +4,10 @@
 //! ports, exemptions and exclusions the daemon wrote into maps. Out: a rewritten `connect()`
 //! destination (wl's listener), a connection record keyed first by socket cookie and then,
 //! once the connection is established, by the client's address and port (which is what the
-//! daemon sees from `accept()`), the original peer restored in `getpeername()`, and refused
-//! UDP to port 443 when QUIC blocking is on.
+//! daemon sees from `accept()`), the original peer restored in `getpeername()`, refused
+//! UDP to port 443 when QUIC blocking is on, and (the kernel relay) spliced connections'
+//! agent sends handed straight to the daemon's upstream socket, except on sockets whose
+//! owner installed kernel TLS.
 //!
 //! Every entry point is `prog(ctx) { match try_prog(ctx) { .. } }`: a missing map entry or
 //! helper failure lets the call through unchanged rather than breaking the agent's socket.
@@ -20,9 +22,9 @@ use aya_ebpf::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         bpf_get_ns_current_pid_tgid, bpf_get_socket_cookie,
     },
-    macros::{cgroup_sock_addr, map, sk_msg, sock_ops},
+    macros::{cgroup_sock_addr, cgroup_sockopt, map, sk_msg, sock_ops},
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, SockHash},
-    programs::{SkMsgContext, SockAddrContext, SockOpsContext},
+    programs::{SkMsgContext, SockAddrContext, SockOpsContext, SockoptContext},
 };
 use aya_log_ebpf::debug;
 use wl_common::{
@@ -204,6 +206,9 @@ pub fn wl_relay_msg(ctx: SkMsgContext) -> u32 {
     // SAFETY: a map value, valid while the program runs; sends on one socket run one at
     // a time, so nothing else writes it meanwhile (the daemon only reads it).
     let state = unsafe { &mut *state };
+    if state.daemon_only != 0 {
+        return SK_PASS;
+    }
     let mut cookie = state.cookie;
     if state.switched == 0 {
         // SAFETY: read only.
@@ -217,6 +222,53 @@ pub fn wl_relay_msg(ctx: SkMsgContext) -> u32 {
     // SK_DROP (the agent's send fails) only if the upstream socket is gone: the daemon
     // closes it when the connection has ended.
     UPSTREAM_SOCKS.redirect_msg(&ctx, &mut cookie, 0) as u32
+}
+
+/// `setsockopt()` level and option that install an upper-layer protocol on a TCP socket
+/// (`SOL_TCP`, `TCP_ULP`): how kernel TLS starts.
+const SOL_TCP: i32 = 6;
+const TCP_ULP: i32 = 31;
+/// cgroup/sockopt verdict: the kernel goes on with the call.
+const SOCKOPT_ALLOW: i32 = 1;
+/// The most of an option's value the kernel copies for the program (one page).
+const SOCKOPT_COPIED_MAX: i32 = 4096;
+
+/// Runs before every `setsockopt()` in the intercepted cgroups. Installing an upper-layer
+/// protocol on a socket in the relay takes that socket off the relay for good
+/// (`RelayState::daemon_only`): kernel TLS hands `sk_msg` programs each record's
+/// plaintext, and a redirect would send it to the upstream unencrypted. The call itself
+/// is never changed or refused.
+#[cgroup_sockopt(setsockopt)]
+pub fn wl_setsockopt(ctx: SockoptContext) -> i32 {
+    // SAFETY: the context's own sockopt, valid for this call.
+    let opt = unsafe { &mut *ctx.sockopt };
+    if opt.level == SOL_TCP && opt.optname == TCP_ULP {
+        // SAFETY: the socket of this call, which the kernel keeps for the program's run.
+        let sk = unsafe { opt.__bindgen_anon_1.sk };
+        if !sk.is_null() {
+            // SAFETY: checked non-null; read only.
+            let sk = unsafe { &*sk };
+            // The agent's own address: the key its relay state has (as in the sk_msg
+            // program, which sees the same socket from the sending side).
+            let key = if sk.family == u32::from(AF_INET) {
+                PeerKey { family: u32::from(AF_INET), port: sk.src_port, addr: [sk.src_ip4, 0, 0, 0] }
+            } else {
+                peer_key_v6(sk.src_port, sk.src_ip6)
+            };
+            if let Some(state) = RELAY_STATE.get_ptr_mut(&key) {
+                // SAFETY: a map value, valid while the program runs; the sk_msg program
+                // reads the flag under the socket's lock, which the kernel takes only
+                // after this program, before it installs the protocol.
+                unsafe { (*state).daemon_only = 1 };
+            }
+        }
+    }
+    // An option longer than a page reaches the program cut to one page; 0 tells the kernel
+    // to use the caller's own buffer (kernels before 6.5 fail the call otherwise).
+    if opt.optlen > SOCKOPT_COPIED_MAX {
+        opt.optlen = 0;
+    }
+    SOCKOPT_ALLOW
 }
 
 /// The key of an IPv6 socket's address (IPv4-mapped addresses as IPv4, as everywhere).

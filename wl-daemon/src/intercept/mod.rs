@@ -25,7 +25,10 @@ use std::{
 
 use aya::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, SockHash},
-    programs::{links::FdLink, links::PinnedLink, CgroupAttachMode, CgroupSockAddr, SkMsg, SockOps},
+    programs::{
+        cgroup_sockopt::CgroupSockoptLink, links::FdLink, links::PinnedLink, CgroupAttachMode,
+        CgroupSockAddr, CgroupSockopt, SkMsg, SockOps,
+    },
     Ebpf, EbpfLoader,
 };
 use sha2::{Digest, Sha256};
@@ -97,6 +100,8 @@ pub struct Interceptor {
     pinned: Vec<PinnedLink>,
     /// Held, never read: dropping an unpinned link detaches it (`fail = "open"`).
     _owned: Vec<FdLink>,
+    /// The relay's setsockopt program, one link per cgroup; never pinned (below).
+    _relay_sockopt: Vec<CgroupSockoptLink>,
     by_peer: Mutex<HashMap<MapData, PeerKey, ConnRecord>>,
     logger: Option<tokio::task::JoinHandle<()>>,
     attached: Vec<String>,
@@ -195,8 +200,9 @@ impl Interceptor {
                 }
             };
         let pidns = own_pid_namespace();
-        write_maps(&mut ebpf, cfg, listeners, &exempt, pidns, relay_attached)
-            .map_err(InterceptError::Maps)?;
+        // The relay's flag goes on only once its setsockopt program is attached to every
+        // cgroup (below): no socket joins the relay before kernel TLS can keep it out.
+        write_maps(&mut ebpf, cfg, listeners, &exempt, pidns, false).map_err(InterceptError::Maps)?;
         // In a container, the connect programs that number pids as the daemon does; if the
         // kernel refuses them, the host-pid ones, and records' pids are not used.
         let mut pids_usable = true;
@@ -204,6 +210,7 @@ impl Interceptor {
 
         let mut pinned = Vec::new();
         let mut owned = Vec::new();
+        let mut relay_sockopt = Vec::new();
         let mut attached = Vec::new();
         let mut keep = BTreeSet::new();
         for target in &targets {
@@ -212,6 +219,16 @@ impl Interceptor {
                 cgroup: target.name.clone(),
                 message: e.to_string(),
             })?;
+            // Not pinned even with `fail = "closed"`: it matters only for connections this
+            // daemon relays, which end with it.
+            if relay_attached {
+                let link = attach_sockopt(&mut ebpf, &fd).map_err(|message| InterceptError::Attach {
+                    program: programs::SETSOCKOPT,
+                    cgroup: target.name.clone(),
+                    message,
+                })?;
+                relay_sockopt.push(link);
+            }
             for base in ALL_PROGRAMS {
                 let prog = if use_pidns_programs { pidns_variant(base) } else { base };
                 let pin_path = pin_dir.join(format!("link-{}-{}", target.id, prog));
@@ -252,6 +269,9 @@ impl Interceptor {
         if cfg.fail == FailMode::Closed {
             remove_stale_links(&pin_dir, &keep)?;
         }
+        if relay_attached {
+            write_maps(&mut ebpf, cfg, listeners, &exempt, pidns, true).map_err(InterceptError::Maps)?;
+        }
 
         let by_peer =
             ebpf.take_map(maps::BY_PEER).ok_or_else(|| InterceptError::Maps("no BY_PEER map".into()))?;
@@ -264,6 +284,7 @@ impl Interceptor {
         Ok(Self {
             pinned,
             _owned: owned,
+            _relay_sockopt: relay_sockopt,
             by_peer: Mutex::new(by_peer),
             logger,
             attached,
@@ -337,8 +358,9 @@ impl Drop for Interceptor {
     }
 }
 
-/// Every program, in attach order: sock_ops first so that no connection is redirected
-/// before its record can be re-keyed.
+/// Every pinnable program, in attach order: sock_ops first so that no connection is
+/// redirected before its record can be re-keyed. (The relay's setsockopt program is
+/// attached apart: see `Interceptor::new`.)
 const ALL_PROGRAMS: [&str; 7] = [
     programs::SOCK_OPS,
     programs::GETPEERNAME4,
@@ -389,6 +411,21 @@ fn attach(ebpf: &mut Ebpf, name: &'static str, cgroup: &File) -> Result<FdLink, 
         let link = p.take_link(id).map_err(|e| chain(&e))?;
         FdLink::try_from(link).map_err(|e| chain(&e))
     }
+}
+
+/// Attaches the relay's setsockopt program to one cgroup. The link is aya's own type (aya
+/// 0.14 converts it to no `FdLink`, so it cannot be pinned like the others).
+fn attach_sockopt(ebpf: &mut Ebpf, cgroup: &File) -> Result<CgroupSockoptLink, String> {
+    let p: &mut CgroupSockopt = ebpf
+        .program_mut(programs::SETSOCKOPT)
+        .ok_or("the setsockopt program is missing from the object")?
+        .try_into()
+        .map_err(|e| chain(&e))?;
+    if p.fd().is_err() {
+        p.load().map_err(|e| chain(&e))?;
+    }
+    let id = p.attach(cgroup, CgroupAttachMode::Single).map_err(|e| chain(&e))?;
+    p.take_link(id).map_err(|e| chain(&e))
 }
 
 fn write_maps(

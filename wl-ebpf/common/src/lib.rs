@@ -90,6 +90,9 @@ pub mod programs {
     pub const SOCK_OPS: &str = "wl_sock_ops";
     /// `sk_msg` on [`super::maps::AGENT_SOCKS`]: the kernel relay of spliced connections.
     pub const RELAY_MSG: &str = "wl_relay_msg";
+    /// `cgroup/setsockopt`: takes a socket out of the kernel relay for good when its owner
+    /// installs an upper-layer protocol on it (`TCP_ULP`: kernel TLS).
+    pub const SETSOCKOPT: &str = "wl_setsockopt";
 }
 
 /// Interception settings, written by the daemon into a one-entry array map.
@@ -153,6 +156,12 @@ pub struct ConnRecord {
 /// the upstream socket, so sending this one straight there keeps the stream in order.
 /// Sends on one socket run one at a time (under the socket's lock), so plain fields do.
 ///
+/// `daemon_only` keeps a socket on the daemon's path for good, switched or not: it is set
+/// when the agent installs an upper-layer protocol on the socket (`TCP_ULP`). With kernel
+/// TLS, the kernel runs `sk_msg` programs on the *plaintext* of each record and a redirect
+/// sends that plaintext, unencrypted, to the other socket; on the daemon's path the
+/// records are encrypted first, as the agent expects.
+///
 /// Keyed by the agent's address, which a later socket may reuse: `cookie` says which
 /// socket the entry belongs to (sock_ops writes a fresh entry for every new socket before
 /// the socket can send), and the daemon's maps are keyed by it, so an entry can never send
@@ -166,8 +175,9 @@ pub struct RelayState {
     pub passed: u64,
     /// 1 once the sends go straight to the upstream socket.
     pub switched: u32,
-    /// Always zero.
-    pub reserved: u32,
+    /// 1 once the agent asked for an upper-layer protocol on the socket: from then on its
+    /// sends go to the daemon, whatever `switched` says.
+    pub daemon_only: u32,
 }
 
 /// A connection as the daemon sees it from `accept()`: the client's address and port.
