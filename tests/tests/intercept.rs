@@ -95,7 +95,8 @@ fn agents_in_the_cgroup_are_redirected_spliced_and_audited() {
 /// upper-layer protocol (`TCP_ULP`) halfway through the upload must leave the relay at
 /// that point: the relay carries exactly the bytes sent before, the daemon the rest, and
 /// the echo still matches. (This machine's kernel has no kernel TLS, so the call fails
-/// with ENOENT, but the hook that must see it runs first either way.)
+/// with ENOENT, but the hook that must see it runs first either way.) The exchange-first
+/// and kernel-TLS cases run over IPv6 too (the programs key IPv6 sockets differently).
 #[test]
 fn spliced_uploads_move_into_the_kernel_relay_in_order() {
     const BYTES: u64 = 24 << 20;
@@ -103,8 +104,9 @@ fn spliced_uploads_move_into_the_kernel_relay_in_order() {
     let home = DaemonHome::new();
     let dir = home.dir.path();
     let echo = Upstream::tcp(dir, "127.0.0.2", 0);
+    // The same port on ::1, so that one intercepted port covers both.
+    let echo6 = Upstream::tcp(dir, "::1", echo.addr.port());
     let port = echo.addr.port().to_string();
-    let dst = echo.addr.to_string();
     let size = BYTES.to_string();
     let half = (BYTES / 2).to_string();
 
@@ -115,18 +117,27 @@ fn spliced_uploads_move_into_the_kernel_relay_in_order() {
         // The kernel took the relay's program (a refusal would turn the relay off).
         daemon.wait_log(&format!("kernel_relay={relay}"));
         let kernel_tls_halfway = ["--hello", "--ulp-at", half.as_str()];
-        for mode in
-            [&["--hello"][..], &[][..], &["--nonblocking"][..], &["--sendfile"][..], &kernel_tls_halfway]
-        {
-            let mut args = vec!["127.0.0.2", port.as_str(), size.as_str()];
+        let cases: [(&Upstream, &[&str]); 7] = [
+            (&echo, &["--hello"]),
+            (&echo, &[]),
+            (&echo, &["--nonblocking"]),
+            (&echo, &["--sendfile"]),
+            (&echo, &kernel_tls_halfway),
+            (&echo6, &["--hello"]),
+            (&echo6, &kernel_tls_halfway),
+        ];
+        for (upstream, mode) in cases {
+            let host = upstream.addr.ip().to_string();
+            let dst = upstream.addr.to_string();
+            let mut args = vec![host.as_str(), port.as_str(), size.as_str()];
             args.extend_from_slice(mode);
             let out = python_json(Some(&cg), "stream_client.py", &args);
             let sent = out["sent"].as_u64().unwrap();
-            assert_eq!(out["banner_ok"], true, "relay {relay} {mode:?}: {out}");
-            assert_eq!(out["echoed"].as_u64(), Some(sent), "relay {relay} {mode:?}: {out}");
-            assert_eq!(out["in_order"], true, "relay {relay} {mode:?}: the echo differs: {out}");
+            assert_eq!(out["banner_ok"], true, "relay {relay} {host} {mode:?}: {out}");
+            assert_eq!(out["echoed"].as_u64(), Some(sent), "relay {relay} {host} {mode:?}: {out}");
+            assert_eq!(out["in_order"], true, "relay {relay} {host} {mode:?}: the echo differs: {out}");
             let pid = out["pid"].clone();
-            let rec = home.wait_audit(&format!("the upload (relay {relay}, {mode:?})"), |r| {
+            let rec = home.wait_audit(&format!("the upload (relay {relay}, {host}, {mode:?})"), |r| {
                 dst_is(r, &dst) && r["agent"]["pid"] == pid
             });
             assert_eq!(rec["action"], "splice", "{rec}");
