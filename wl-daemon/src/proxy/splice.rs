@@ -57,7 +57,29 @@ struct OneWay {
 /// Data bytes ever written into a connected TCP socket: those the peer has acknowledged
 /// plus those still queued (`TCP_INFO` and `SIOCOUTQ`), less the SYN's sequence number.
 /// Call before a FIN is queued.
+///
+/// The two numbers come from two calls, and an acknowledgement arriving between them
+/// moves bytes from the second to the first: read that way once, the sum came out short by
+/// whatever was acknowledged meanwhile (128 KiB in one end-to-end run). So the
+/// acknowledged count is read on both sides of the queue length, and the sum is taken only
+/// when it did not move (bytes written no longer change when this is called, so the
+/// acknowledgements soon stop).
 pub fn bytes_written(sock: &impl AsRawFd) -> io::Result<u64> {
+    const TRIES: usize = 1000;
+    let mut acked = bytes_acked(sock)?;
+    for _ in 0..TRIES {
+        let queued = send_queue_len(sock)?;
+        let acked_after = bytes_acked(sock)?;
+        if acked_after == acked {
+            return Ok((acked + queued).saturating_sub(1));
+        }
+        acked = acked_after;
+    }
+    Err(io::Error::other("the acknowledged byte count kept moving while it was read"))
+}
+
+/// `tcpi_bytes_acked`: bytes the peer has acknowledged, counting the SYN as one.
+fn bytes_acked(sock: &impl AsRawFd) -> io::Result<u64> {
     // SAFETY: tcp_info is plain integers; the kernel writes at most `len` bytes of it.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
@@ -74,12 +96,17 @@ pub fn bytes_written(sock: &impl AsRawFd) -> io::Result<u64> {
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
+    Ok(info.tcpi_bytes_acked)
+}
+
+/// `SIOCOUTQ`: bytes written but not yet acknowledged.
+fn send_queue_len(sock: &impl AsRawFd) -> io::Result<u64> {
     let mut queued: libc::c_int = 0;
     // SAFETY: SIOCOUTQ writes one int.
     if unsafe { libc::ioctl(sock.as_raw_fd(), libc::TIOCOUTQ, &mut queued) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok((info.tcpi_bytes_acked + queued.max(0) as u64).saturating_sub(1))
+    Ok(queued.max(0) as u64)
 }
 
 fn new_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
@@ -186,5 +213,52 @@ mod tests {
         b.read_exact(&mut got).await.unwrap();
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         assert_eq!(super::bytes_written(&a).unwrap(), 12345);
+    }
+
+    /// The race it guards against: with a reader still draining, acknowledgements arrive
+    /// all the time, and every reading must still be the exact count.
+    #[test]
+    fn bytes_written_is_exact_while_acknowledgements_arrive() {
+        use std::io::{Read, Write};
+        use std::sync::atomic::{AtomicBool, Ordering};
+        const CHUNK: usize = 1 << 20;
+        const CHUNKS: usize = 16;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut a = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut b, _) = listener.accept().unwrap();
+        let go = std::sync::Arc::new(AtomicBool::new(false));
+        let reader = std::thread::spawn({
+            let go = go.clone();
+            move || {
+                while !go.load(Ordering::Acquire) {
+                    std::thread::yield_now();
+                }
+                // Slowly, so that the draining (and its acknowledgements) lasts a while.
+                let mut buf = vec![0u8; 16 * 1024];
+                let mut total = 0;
+                while let Ok(n @ 1..) = b.read(&mut buf) {
+                    total += n;
+                    std::thread::sleep(std::time::Duration::from_micros(50));
+                }
+                total
+            }
+        });
+        let chunk = vec![7u8; CHUNK];
+        let writer = std::thread::spawn(move || {
+            for _ in 0..CHUNKS {
+                a.write_all(&chunk).unwrap();
+            }
+            a
+        });
+        go.store(true, Ordering::Release);
+        let a = writer.join().unwrap();
+        let mut readings = 0;
+        while super::send_queue_len(&a).unwrap() > 0 {
+            assert_eq!(super::bytes_written(&a).unwrap(), (CHUNK * CHUNKS) as u64, "reading {readings}");
+            readings += 1;
+        }
+        a.shutdown(std::net::Shutdown::Write).unwrap();
+        assert_eq!(reader.join().unwrap(), CHUNK * CHUNKS);
+        assert!(readings > 0, "the reader had drained everything before the first reading");
     }
 }
