@@ -372,9 +372,22 @@ fn foundation(hooked: &Cgroup, bare: &Cgroup) -> anyhow::Result<String> {
         without.push(b);
         diffs.push(h - b);
     }
-    drop(daemon);
     let (connect_hook, connect_bare) = (median(&mut with_hook), median(&mut without));
     let added_ns = median(&mut diffs);
+    // 1b. setsockopt(): the kernel relay's setsockopt program runs on every call in the
+    // intercepted cgroups (no target; reported so that its cost is known).
+    let sockopt_args = vec!["setsockopt".to_string(), acceptor.to_string(), CONNECTS_PER_ROUND.to_string()];
+    let (mut opt_hook, mut opt_bare, mut opt_diffs) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..CONNECT_ROUNDS {
+        let h = hooked.run_client(&sockopt_args)?.trim().parse::<f64>()?;
+        let b = bare.run_client(&sockopt_args)?.trim().parse::<f64>()?;
+        opt_hook.push(h);
+        opt_bare.push(b);
+        opt_diffs.push(h - b);
+    }
+    drop(daemon);
+    let (sockopt_hook, sockopt_bare) = (median(&mut opt_hook), median(&mut opt_bare));
+    let sockopt_added_ns = median(&mut opt_diffs);
 
     // 2. Bulk throughput: through the splice path vs direct vs nginx's TCP proxy.
     crate::bench_tls::tools()?;
@@ -416,7 +429,7 @@ fn foundation(hooked: &Cgroup, bare: &Cgroup) -> anyhow::Result<String> {
     Ok(format!(
         "{FOUNDATION_HEADING}\n\n\
          {machine}\n\
-         Command: `cargo xtask bench` or `cargo xtask bench foundation` (release build). connect(): {CONNECT_ROUNDS} alternating rounds of \
+         Command: `cargo xtask bench` or `cargo xtask bench foundation` (release build). connect() and setsockopt(): {CONNECT_ROUNDS} alternating rounds of \
          {CONNECTS_PER_ROUND} calls, median per round, result = median of the paired differences. \
          Bulk: {ROUNDS} rounds in turns (uploads: wl, direct, wl with `kernel_relay = false`, nginx; then \
          downloads: wl, direct, wl without the relay), medians; each side writes and reads 256 KiB at a \
@@ -426,6 +439,7 @@ fn foundation(hooked: &Cgroup, bare: &Cgroup) -> anyhow::Result<String> {
          `proxy_pass` to the sink with `proxy_half_close on` and `proxy_buffer_size 256k`, one worker.\n\n\
          | measurement | with wl | baseline | result | target |\n|---|---|---|---|---|\n\
          | connect() to a non-intercepted port, per call | {connect_hook:.0} ns (intercepted cgroup) | {connect_bare:.0} ns (cgroup without programs) | {added:+.2} µs added | < 2 µs added: {c_ok} |\n\
+         | setsockopt(TCP_NODELAY), per call (the kernel relay's setsockopt program) | {sockopt_hook:.0} ns (intercepted cgroup) | {sockopt_bare:.0} ns (cgroup without programs) | {sockopt_added:+.0} ns added | |\n\
          | bulk upload, {gib} GiB agent to upstream over loopback | {bulk_spliced:.2} Gbit/s (splice path) | {bulk_direct:.2} Gbit/s (direct) | {pct:.0}% of direct | ≥ 80%: {b_ok} |\n\
          | the same with `kernel_relay = false` (daemon's splice(2) only) | {bulk_unrelayed:.2} Gbit/s | | {unrelayed_pct:.0}% of direct | |\n\
          | the same through nginx's TCP proxy | | {bulk_nginx:.2} Gbit/s (nginx stream) | {nginx_pct:.0}% of direct; wl {vs_nginx:.2}x nginx | |\n\
@@ -433,6 +447,7 @@ fn foundation(hooked: &Cgroup, bare: &Cgroup) -> anyhow::Result<String> {
          | the same with `kernel_relay = false` | {down_unrelayed:.2} Gbit/s | | {down_unrelayed_pct:.0}% of direct | |\n",
         machine = machine_description(),
         added = added_ns / 1000.0,
+        sockopt_added = sockopt_added_ns,
         c_ok = if added_ns < 2000.0 { "met" } else { "not met" },
         gib = BULK_BYTES >> 30,
         pct = ratio * 100.0,
@@ -538,6 +553,19 @@ pub fn client(args: &[String]) -> anyhow::Result<()> {
             }
             println!("{}", median(&mut samples));
         }
+        [mode, addr, n] if mode == "setsockopt" => {
+            let addr: SocketAddr = addr.parse()?;
+            let n: usize = n.parse()?;
+            let s = TcpStream::connect(addr)?;
+            let sock = socket2::SockRef::from(&s);
+            let mut samples = Vec::with_capacity(n);
+            for i in 0..n {
+                let t = Instant::now();
+                sock.set_tcp_nodelay(i % 2 == 0)?;
+                samples.push(t.elapsed().as_nanos() as f64);
+            }
+            println!("{}", median(&mut samples));
+        }
         [mode, addr, bytes] if mode == "bulk" => {
             let addr: SocketAddr = addr.parse()?;
             let total: u64 = bytes.parse()?;
@@ -580,7 +608,9 @@ pub fn client(args: &[String]) -> anyhow::Result<()> {
             }
             println!("{}", total as f64 * 8.0 / secs / 1e9);
         }
-        _ => bail!("usage: bench-client connect ADDR N | bulk ADDR BYTES | download ADDR BYTES"),
+        _ => bail!(
+            "usage: bench-client connect ADDR N | setsockopt ADDR N | bulk ADDR BYTES | download ADDR BYTES"
+        ),
     }
     Ok(())
 }
