@@ -351,6 +351,20 @@ fn require_root() -> anyhow::Result<()> {
 
 /// Sections 1 and 2: connect() with and without the hook, bulk through the splice path,
 /// direct and through nginx. `hooked` gets the daemon, `bare` stays without programs.
+/// `CONNECT_ROUNDS` alternating runs of one client in the hooked and the bare cgroup:
+/// (median with the hook, median without, median of the paired differences).
+fn paired_rounds(hooked: &Cgroup, bare: &Cgroup, args: &[String]) -> anyhow::Result<(f64, f64, f64)> {
+    let (mut with_hook, mut without, mut diffs) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..CONNECT_ROUNDS {
+        let h = hooked.run_client(args)?.trim().parse::<f64>()?;
+        let b = bare.run_client(args)?.trim().parse::<f64>()?;
+        with_hook.push(h);
+        without.push(b);
+        diffs.push(h - b);
+    }
+    Ok((median(&mut with_hook), median(&mut without), median(&mut diffs)))
+}
+
 fn foundation(hooked: &Cgroup, bare: &Cgroup) -> anyhow::Result<String> {
     let sink = sink_server()?;
     let source = source_server()?;
@@ -364,30 +378,12 @@ fn foundation(hooked: &Cgroup, bare: &Cgroup) -> anyhow::Result<String> {
     let daemon = Daemon::start(&hooked.name, &[intercepted_port], true)?;
     let acceptor = accept_server()?;
     let connect_args = vec!["connect".to_string(), acceptor.to_string(), CONNECTS_PER_ROUND.to_string()];
-    let (mut with_hook, mut without, mut diffs) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..CONNECT_ROUNDS {
-        let h = hooked.run_client(&connect_args)?.trim().parse::<f64>()?;
-        let b = bare.run_client(&connect_args)?.trim().parse::<f64>()?;
-        with_hook.push(h);
-        without.push(b);
-        diffs.push(h - b);
-    }
-    let (connect_hook, connect_bare) = (median(&mut with_hook), median(&mut without));
-    let added_ns = median(&mut diffs);
+    let (connect_hook, connect_bare, added_ns) = paired_rounds(hooked, bare, &connect_args)?;
     // 1b. setsockopt(): the kernel relay's setsockopt program runs on every call in the
     // intercepted cgroups (no target; reported so that its cost is known).
     let sockopt_args = vec!["setsockopt".to_string(), acceptor.to_string(), CONNECTS_PER_ROUND.to_string()];
-    let (mut opt_hook, mut opt_bare, mut opt_diffs) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..CONNECT_ROUNDS {
-        let h = hooked.run_client(&sockopt_args)?.trim().parse::<f64>()?;
-        let b = bare.run_client(&sockopt_args)?.trim().parse::<f64>()?;
-        opt_hook.push(h);
-        opt_bare.push(b);
-        opt_diffs.push(h - b);
-    }
+    let (sockopt_hook, sockopt_bare, sockopt_added_ns) = paired_rounds(hooked, bare, &sockopt_args)?;
     drop(daemon);
-    let (sockopt_hook, sockopt_bare) = (median(&mut opt_hook), median(&mut opt_bare));
-    let sockopt_added_ns = median(&mut opt_diffs);
 
     // 2. Bulk throughput: through the splice path vs direct vs nginx's TCP proxy.
     crate::bench_tls::tools()?;
