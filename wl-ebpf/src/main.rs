@@ -192,11 +192,7 @@ pub fn wl_sock_ops(ctx: SockOpsContext) -> u32 {
 pub fn wl_relay_msg(ctx: SkMsgContext) -> u32 {
     // SAFETY: the context's own message, read only.
     let msg = unsafe { &*ctx.msg };
-    let key = if msg.family == u32::from(AF_INET) {
-        PeerKey { family: u32::from(AF_INET), port: msg.local_port, addr: [msg.local_ip4, 0, 0, 0] }
-    } else {
-        peer_key_v6(msg.local_port, msg.local_ip6)
-    };
+    let key = local_key(msg.family, msg.local_port, msg.local_ip4, msg.local_ip6);
     let size = u64::from(msg.size);
     // No state (never created, or aged out of the LRU map): the daemon's path, for good,
     // since a count that did not start with the first send could switch too early.
@@ -250,11 +246,7 @@ pub fn wl_setsockopt(ctx: SockoptContext) -> i32 {
             let sk = unsafe { &*sk };
             // The agent's own address: the key its relay state has (as in the sk_msg
             // program, which sees the same socket from the sending side).
-            let key = if sk.family == u32::from(AF_INET) {
-                PeerKey { family: u32::from(AF_INET), port: sk.src_port, addr: [sk.src_ip4, 0, 0, 0] }
-            } else {
-                peer_key_v6(sk.src_port, sk.src_ip6)
-            };
+            let key = local_key(sk.family, sk.src_port, sk.src_ip4, sk.src_ip6);
             if let Some(state) = RELAY_STATE.get_ptr_mut(&key) {
                 // SAFETY: a map value, valid while the program runs; the sk_msg program
                 // reads the flag under the socket's lock, which the kernel takes only
@@ -269,6 +261,18 @@ pub fn wl_setsockopt(ctx: SockoptContext) -> i32 {
         opt.optlen = 0;
     }
     SOCKOPT_ALLOW
+}
+
+/// The key of a socket's own address (the agent's side), from whichever of its addresses
+/// its family says is in use: what sock_ops, the relay's sk_msg and setsockopt programs all
+/// see of one agent socket, and what the daemon sees from `accept()`.
+#[inline(always)]
+fn local_key(family: u32, port: u32, ip4: u32, ip6: [u32; 4]) -> PeerKey {
+    if family == u32::from(AF_INET) {
+        PeerKey { family: u32::from(AF_INET), port, addr: [ip4, 0, 0, 0] }
+    } else {
+        peer_key_v6(port, ip6)
+    }
 }
 
 /// The key of an IPv6 socket's address (IPv4-mapped addresses as IPv4, as everywhere).
@@ -488,11 +492,7 @@ fn rekey_by_peer(ctx: &SockOpsContext) -> Option<(u64, PeerKey)> {
     // SAFETY: the cookie helper takes the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut c_void) };
     let record = BY_COOKIE.get_ptr(&cookie)?;
-    let key = if ctx.family() == AF_INET as u32 {
-        PeerKey { family: AF_INET as u32, port: ctx.local_port(), addr: [ctx.local_ip4(), 0, 0, 0] }
-    } else {
-        peer_key_v6(ctx.local_port(), ctx.local_ip6())
-    };
+    let key = local_key(ctx.family(), ctx.local_port(), ctx.local_ip4(), ctx.local_ip6());
     // SAFETY: the pointer comes from a successful lookup and is only read.
     let mut record = unsafe { *record };
     record.cookie = cookie;
